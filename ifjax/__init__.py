@@ -1,0 +1,55 @@
+"""ifjax: Intra-Fusion (structured pruning with optimal transport) for Flax models.
+
+Pure functions over Flax variable trees: discover the coupled channel groups of a model,
+fold BatchNorm, score channels, and prune groups with Default pruning or Intra-Fusion.
+"""
+
+from ifjax._batchnorm import fold_batchnorm
+from ifjax._channels import channel_features
+from ifjax._graph import BatchNormRef, Group, GraphError, Reader, Writer, discover_groups
+from ifjax._importance import IMPORTANCES, accumulate_gradients, group_importance, lamp_transform
+from ifjax._merge import merge_group
+from ifjax._prune import PrunePlan, Pruner, default_pruning, intra_fusion, keep_count, prune
+from ifjax._transport import (
+    ExactSolver,
+    SinkhornSolver,
+    TransportResult,
+    l1_cost,
+    marginals,
+    normalize_rows,
+    transport_map,
+)
+from ifjax._validate import check_variables_finite, check_variables_match
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPORTANCES",
+    "BatchNormRef",
+    "ExactSolver",
+    "GraphError",
+    "Group",
+    "PrunePlan",
+    "Pruner",
+    "Reader",
+    "SinkhornSolver",
+    "TransportResult",
+    "Writer",
+    "accumulate_gradients",
+    "channel_features",
+    "check_variables_finite",
+    "check_variables_match",
+    "default_pruning",
+    "discover_groups",
+    "fold_batchnorm",
+    "group_importance",
+    "intra_fusion",
+    "keep_count",
+    "l1_cost",
+    "lamp_transform",
+    "marginals",
+    "merge_group",
+    "normalize_rows",
+    "prune",
+    "transport_map",
+]

@@ -1,0 +1,323 @@
+"""Default pruning and Intra-Fusion as pure, jit-compiled plan/apply pairs.
+
+A :class:`Pruner` is built by a factory (:func:`intra_fusion`, :func:`default_pruning`)
+that closes over its hyperparameters, like an optax transformation:
+``plan(variables, group) -> PrunePlan`` computes importance, keep set and transport map;
+``apply(variables, group, plan) -> variables`` merges the map into the weights. Plans are
+plain data (arrays) and can be inspected, saved, or applied to stacked replicas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ifjax._batchnorm import fold_batchnorm
+from ifjax._channels import channel_features, group_size
+from ifjax._graph import Group, discover_groups
+from ifjax._importance import IMPORTANCES, group_importance
+from ifjax._merge import merge_group
+from ifjax._transport import (
+    ExactSolver,
+    SinkhornSolver,
+    l1_cost,
+    marginals,
+    normalize_rows,
+    transport_map,
+)
+from ifjax._validate import check_group, check_sparsity, check_variables_finite
+
+__all__ = [
+    "PrunePlan",
+    "Pruner",
+    "default_pruning",
+    "intra_fusion",
+    "keep_count",
+    "prune",
+]
+
+METHODS = ("intra_fusion", "default")
+MAP_NORMALIZATIONS = ("reference", "row_average")
+
+
+def keep_count(size: int, sparsity: float) -> int:
+    """Channels kept at a sparsity: ``int(n * (1 - s))`` (truncation, as the reference)."""
+    check_sparsity(sparsity)
+    m = int(size * (1 - sparsity))
+    if m < 1:
+        raise ValueError(f"sparsity {sparsity} leaves no channel of a group of {size}")
+    return m
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """What pruning one group does, as arrays.
+
+    Attributes:
+      keep: (m,) kept channel indices, ascending.
+      importance: (n,) importance scores (normalized).
+      writer_map: (m, n) map applied to writing layers' output rows.
+      reader_map: (m, n) map applied to reading layers' input columns.
+      converged: whether the transport solver converged (True for exact/default).
+      marginal_error: the solver's final marginal error.
+    """
+
+    keep: jnp.ndarray
+    importance: jnp.ndarray
+    writer_map: jnp.ndarray
+    reader_map: jnp.ndarray
+    converged: jnp.ndarray
+    marginal_error: jnp.ndarray
+
+
+def _kmeans(features: jnp.ndarray, init: jnp.ndarray, steps: int = 50) -> jnp.ndarray:
+    """Lloyd iterations from ``init`` (m, D); empty clusters keep their centroid."""
+
+    def step(centroids, _):
+        d = jnp.sum((features[:, None, :] - centroids[None]) ** 2, -1)
+        onehot = jax.nn.one_hot(jnp.argmin(d, 1), centroids.shape[0], dtype=features.dtype)
+        counts = onehot.sum(0)[:, None]
+        means = onehot.T @ features / jnp.where(counts > 0, counts, 1)
+        return jnp.where(counts > 0, means, centroids), None
+
+    return jax.lax.scan(step, init, None, length=steps)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("group", "config"))
+def _plan(variables, group: Group, config: _Config, gradients, key) -> PrunePlan:
+    n = group_size(variables, group)
+    m = keep_count(n, config.sparsity)
+    scores = group_importance(variables, group, config.importance, gradients=gradients, key=key)
+    keep = jnp.sort(jnp.argsort(scores, stable=True)[n - m :])
+    if config.method == "default":
+        selection = jax.nn.one_hot(keep, n, dtype=jnp.float32)
+        return PrunePlan(keep, scores, selection, selection, jnp.array(True), jnp.array(0.0))
+    features = normalize_rows(channel_features(variables, group))
+    targets = features[keep]
+    if config.target == "centroids":
+        targets = _kmeans(features, targets)
+    cost = l1_cost(features, targets)
+    a, b = marginals(config.marginals, scores, keep)
+    result = config.solver(cost, a, b)
+    reader_map = transport_map(result.plan, a)
+    writer_map = reader_map
+    if config.map_normalization == "row_average":
+        writer_map = reader_map / jnp.sum(reader_map, axis=1, keepdims=True)
+    return PrunePlan(keep, scores, writer_map, reader_map, result.converged, result.marginal_error)
+
+
+@functools.partial(jax.jit, static_argnames=("group", "masked"))
+def _apply(variables, group: Group, plan: PrunePlan, masked: bool):
+    return merge_group(
+        variables, group, plan.writer_map, plan.reader_map, plan.keep, masked=masked
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    method: str
+    sparsity: float
+    importance: str
+    marginals: str
+    target: str
+    solver: Any
+    map_normalization: str
+
+
+class Pruner(NamedTuple):
+    """A pair of pure functions (like an optax GradientTransformation).
+
+    ``plan(variables, group, *, gradients=None, key=None) -> PrunePlan`` and
+    ``apply(variables, group, plan, *, masked=False) -> variables``. Both are
+    jit-compiled and do not recompile for a repeated call with the same shapes.
+    """
+
+    plan: Any
+    apply: Any
+
+
+def _make_solver(solver: str | Any, epsilon, max_iterations, threshold):
+    if solver == "exact":
+        return ExactSolver()
+    if solver == "sinkhorn":
+        return SinkhornSolver(epsilon=epsilon, threshold=threshold, max_iterations=max_iterations)
+    if callable(solver) and not isinstance(solver, str):
+        return solver
+    raise ValueError(f"unknown solver {solver!r}; choose 'exact', 'sinkhorn' or a solver object")
+
+
+def _pruner(config: _Config) -> Pruner:
+    def plan(variables, group, *, gradients=None, key=None):
+        check_group(variables, group)
+        if key is None and config.importance == "random":
+            raise ValueError("importance='random' needs a PRNG key")
+        return _plan(variables, group, config, gradients, key)
+
+    def apply(variables, group, plan, *, masked=False):
+        check_group(variables, group)
+        return _apply(variables, group, plan, masked)
+
+    return Pruner(plan, apply)
+
+
+def intra_fusion(
+    sparsity: float,
+    importance: str = "l1",
+    *,
+    marginals: str = "uniform",
+    target: str = "most_important",
+    solver: str | Any = "exact",
+    map_normalization: str = "reference",
+    epsilon: float = 1e-3,
+    max_iterations: int = 5000,
+    threshold: float = 1e-4,
+) -> Pruner:
+    """Intra-Fusion: pruned channels are merged into the kept ones by optimal transport.
+
+    Args:
+      sparsity: fraction of each group's channels to remove, in [0, 1).
+      importance: see :func:`group_importance` ("l1", "l2", "lamp", "lamp_released",
+        "taylor", "random").
+      marginals: "uniform" (the paper's default) or "importance".
+      target: "most_important" (the kept channels) or "centroids" (k-means of the
+        normalized features, started from the kept channels).
+      solver: "exact" (POT's network simplex, as the reference), "sinkhorn" (ott-jax),
+        or any callable ``solver(cost, a, b) -> TransportResult``.
+      map_normalization: "reference" (writing rows are summed with the map's
+        coefficients, as the released code) or "row_average" (writing rows are
+        averaged: function-preserving for duplicate channels).
+      epsilon, max_iterations, threshold: Sinkhorn settings (epsilon relative to the
+        mean cost).
+
+    Example:
+      >>> pruner = intra_fusion(0.5, "l1")
+      >>> plan = pruner.plan(folded, groups[2])
+      >>> pruned = pruner.apply(folded, groups[2], plan)
+    """
+    check_sparsity(sparsity)
+    _check_choice("importance", importance, IMPORTANCES)
+    _check_choice("marginals", marginals, ("uniform", "importance"))
+    _check_choice("target", target, ("most_important", "centroids"))
+    _check_choice("map_normalization", map_normalization, MAP_NORMALIZATIONS)
+    config = _Config(
+        "intra_fusion",
+        float(sparsity),
+        importance,
+        marginals,
+        target,
+        _make_solver(solver, epsilon, max_iterations, threshold),
+        map_normalization,
+    )
+    return _pruner(config)
+
+
+def default_pruning(sparsity: float, importance: str = "l1") -> Pruner:
+    """Default pruning (the paper's baseline): keep the most important channels, drop the
+    rest. Same keep set as :func:`intra_fusion`."""
+    check_sparsity(sparsity)
+    _check_choice("importance", importance, IMPORTANCES)
+    return _pruner(_Config("default", float(sparsity), importance, "uniform", "most_important", None, "reference"))
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}")
+
+
+def _resolve_groups(model, variables, groups, example_input):
+    if isinstance(groups, Group):
+        return (groups,)
+    if isinstance(groups, Sequence) and groups and all(isinstance(g, Group) for g in groups):
+        return tuple(groups)
+    if example_input is None:
+        raise ValueError("pass Group objects, or example_input so the groups can be discovered")
+    found = discover_groups(model, variables, example_input)
+    if groups == "all":
+        return found
+    indices = [groups] if isinstance(groups, int) else list(groups)
+    for i in indices:
+        if not isinstance(i, int) or not 0 <= i < len(found):
+            raise ValueError(f"unknown group {i!r}: the model has groups 0..{len(found) - 1}")
+    return tuple(found[i] for i in indices)
+
+
+def prune(
+    model: Any,
+    variables: Mapping[str, Any],
+    groups: Group | Sequence[Group] | int | Sequence[int] | str,
+    *,
+    sparsity: float,
+    method: str = "intra_fusion",
+    importance: str = "l1",
+    example_input: Any = None,
+    fold: bool = True,
+    masked: bool = False,
+    gradients: Mapping[str, Any] | None = None,
+    key: jax.Array | None = None,
+    **options: Any,
+) -> tuple[Any, dict[str, Any], list[PrunePlan]]:
+    """Prunes one group, several groups or all groups of a model.
+
+    BatchNorm is folded first (``fold=True``, as the reference), then the groups are
+    pruned one after another, each on the result of the previous ones.
+
+    Args:
+      model: Flax module; pruned widths are given back through its
+        ``for_variables(variables)`` method (the models in ``models/`` have it).
+      variables: its variables; never modified.
+      groups: a :class:`Group`, a sequence of them, a group index or indices (needs
+        ``example_input``), or "all".
+      sparsity: fraction of channels removed from each group, in [0, 1).
+      method: "intra_fusion" or "default".
+      importance: importance metric (see :func:`group_importance`).
+      example_input: an input batch, to discover groups given by index.
+      fold: fold BatchNorm before pruning.
+      masked: keep shapes (pruned channels zeroed, merged weights in place); the
+        returned model is then the input model.
+      gradients: accumulated gradients for ``importance="taylor"``.
+      key: PRNG key for ``importance="random"`` (split per group).
+      **options: passed to :func:`intra_fusion` (marginals, target, solver, ...).
+
+    Returns:
+      ``(pruned_model, pruned_variables, plans)``.
+
+    Example:
+      >>> model, variables, plans = prune(model, variables, "all", sparsity=0.5,
+      ...                                 example_input=jnp.zeros((1, 32, 32, 3)))
+    """
+    check_sparsity(sparsity)
+    _check_choice("method", method, METHODS)
+    check_variables_finite(variables)
+    groups = _resolve_groups(model, variables, groups, example_input)
+    if method == "default":
+        if options:
+            raise ValueError(f"options {sorted(options)} apply to intra_fusion only")
+        pruner = default_pruning(sparsity, importance)
+    else:
+        pruner = intra_fusion(sparsity, importance, **options)
+    if fold:
+        variables = fold_batchnorm(variables, groups)
+    plans = []
+    for i, group in enumerate(groups):
+        group_key = None if key is None else jax.random.fold_in(key, i)
+        plan = pruner.plan(variables, group, gradients=gradients, key=group_key)
+        variables = pruner.apply(variables, group, plan, masked=masked)
+        plans.append(plan)
+    if not masked:
+        model = _model_for(model, variables)
+    return model, variables, plans
+
+
+def _model_for(model: Any, variables: Mapping[str, Any]) -> Any:
+    if not hasattr(model, "for_variables"):
+        raise ValueError(
+            f"{type(model).__name__} has no for_variables(variables) method, so the pruned "
+            "model cannot be rebuilt; use masked=True or add the method"
+        )
+    return model.for_variables(variables)
