@@ -263,7 +263,8 @@ def _read_arrays(arrays_dir: Path) -> dict[str, np.ndarray]:
             restored = checkpointer.restore(arrays_dir, args=ocp.args.StandardRestore())
         return {path: np.asarray(x) for path, x in _leaves(restored).items()}
     except Exception as error:  # Orbax and TensorStore raise many types on bad files.
-        raise ValueError(f"corrupt checkpoint arrays in {arrays_dir}: {error}") from error
+        reason = str(error).split(" [tensorstore_spec=")[0][:800]  # Drop TensorStore's spec dump.
+        raise ValueError(f"corrupt checkpoint arrays in {arrays_dir}: {reason}") from error
 
 
 def restore_pytree(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
