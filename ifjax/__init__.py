@@ -6,7 +6,7 @@ fold BatchNorm, score channels, and prune groups with Default pruning or Intra-F
 
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._channels import channel_features
-from ifjax._graph import BatchNormRef, Group, GraphError, Reader, Writer, discover_groups
+from ifjax._graph import BatchNormRef, GraphError, Group, Reader, Writer, discover_groups
 from ifjax._importance import IMPORTANCES, accumulate_gradients, group_importance, lamp_transform
 from ifjax._merge import merge_group
 from ifjax._prune import PrunePlan, Pruner, default_pruning, intra_fusion, keep_count, prune

@@ -27,7 +27,7 @@ __all__ = ["BatchNormRef", "GraphError", "Group", "Reader", "Writer", "discover_
 
 
 def path_str(path: Path) -> str:
-    """"params/conv0/kernel" for ("params", "conv0", "kernel")."""
+    """ "params/conv0/kernel" for ("params", "conv0", "kernel")."""
     return "/".join(path)
 
 
@@ -254,7 +254,9 @@ class _Tracer:
         if not isinstance(lhs, _Act) or isinstance(rhs, _Act):
             raise GraphError("conv_general_dilated: a convolution whose kernel is an activation")
         if eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1:
-            raise GraphError("conv_general_dilated: grouped/depthwise convolutions are not supported")
+            raise GraphError(
+                "conv_general_dilated: grouped/depthwise convolutions are not supported"
+            )
         leaf = self.kernel_leaf(rhs, "conv_general_dilated")
         if lhs.axis != dn.lhs_spec[1] or lhs.outer * lhs.inner != 1:
             raise GraphError("conv_general_dilated: input channels are not on the feature axis")
@@ -313,9 +315,7 @@ class _Tracer:
         shape = (1,) * (rank - len(shape)) + shape
         size = self.space_size[self.find(act.space)]
         per_channel = (
-            act.outer * act.inner == 1
-            and shape[act.axis] == size
-            and math.prod(shape) == size
+            act.outer * act.inner == 1 and shape[act.axis] == size and math.prod(shape) == size
         )
         if not per_channel:
             if math.prod(shape) > 1:
@@ -436,7 +436,9 @@ def _build_groups(tracer: _Tracer, paths: list[Path], excluded: set[int]) -> lis
     for root, entries in by_root.items():
         if root in excluded:
             continue
-        writers = tuple(_writer(tracer, paths, leaf, axis, root) for _, leaf, axis in sorted(entries["w"]))
+        writers = tuple(
+            _writer(tracer, paths, leaf, axis, root) for _, leaf, axis in sorted(entries["w"])
+        )
         readers = tuple(r for _, r in sorted(entries["r"], key=lambda t: t[0]))
         channel = sorted(
             {(paths[leaf], axis) for s, leaf, axis, _ in tracer.attached if tracer.find(s) == root}
@@ -475,7 +477,7 @@ def discover_groups(
     paths, leaves, treedef = _flatten_variables(variables)
     shapes = [tuple(np.shape(x)) for x in leaves]
     apply: Callable = lambda flat, x: model.apply(treedef.unflatten(flat), x, **apply_kwargs)
-    abstract = [jax.ShapeDtypeStruct(s, np.asarray(x).dtype) for s, x in zip(shapes, leaves)]
+    abstract = [jax.ShapeDtypeStruct(s, np.asarray(x).dtype) for s, x in zip(shapes, leaves, strict=True)]
     x_abstract = jax.ShapeDtypeStruct(np.shape(example_input), np.asarray(example_input).dtype)
     closed = jax.make_jaxpr(apply)(abstract, x_abstract)
     tracer = _Tracer(shapes)

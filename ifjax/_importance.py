@@ -76,9 +76,13 @@ def group_importance(
     n = group_size(variables, group)
     if importance in ("l1", "l2"):
         p = 1 if importance == "l1" else 2
-        vectors = _per_layer(variables, group, n, lambda rows, _: jnp.sum(jnp.abs(rows) ** p, 1), False)
+        vectors = _per_layer(
+            variables, group, n, lambda rows, _: jnp.sum(jnp.abs(rows) ** p, 1), False
+        )
     elif importance in ("lamp", "lamp_released"):
-        vectors = _per_layer(variables, group, n, lambda rows, _: jnp.linalg.norm(rows, axis=1), True)
+        vectors = _per_layer(
+            variables, group, n, lambda rows, _: jnp.linalg.norm(rows, axis=1), True
+        )
         for w in group.writers:
             if w.batchnorm is not None:
                 scale = tree_get(variables, w.batchnorm.scale) if w.batchnorm.scale else None
@@ -125,7 +129,9 @@ def accumulate_gradients(
       ``{"params": gradients}`` shaped like ``variables["params"]``.
     """
     if loss_fn is None:
-        loss_fn = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        loss_fn = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(
+            logits, y
+        ).mean()
     rest = {k: v for k, v in variables.items() if k != "params"}
 
     @jax.jit

@@ -66,7 +66,13 @@ def merge_group(
             merged_vectors.add(path)
     for r in group.readers:
         kernel = tree_get(variables, r.kernel)
-        put(r.kernel, _apply_axis(reader_map, kernel, r.axis, r.outer, r.inner), r.axis, r.outer, r.inner)
+        put(
+            r.kernel,
+            _apply_axis(reader_map, kernel, r.axis, r.outer, r.inner),
+            r.axis,
+            r.outer,
+            r.inner,
+        )
     for path, axis in group.channel_params:
         if path in merged_vectors:
             continue

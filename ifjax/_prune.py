@@ -90,20 +90,28 @@ def _kmeans(features: jnp.ndarray, init: jnp.ndarray, steps: int = 50) -> jnp.nd
 
 
 @functools.partial(jax.jit, static_argnames=("group", "config"))
-def _plan(variables, group: Group, config: _Config, gradients, key) -> PrunePlan:
+def _problem(variables, group: Group, config: _Config, gradients, key, scores):
+    """Importance, keep set and the transport problem (cost, marginals) of one group."""
     n = group_size(variables, group)
     m = keep_count(n, config.sparsity)
-    scores = group_importance(variables, group, config.importance, gradients=gradients, key=key)
+    if scores is None:
+        scores = group_importance(variables, group, config.importance, gradients=gradients, key=key)
     keep = jnp.sort(jnp.argsort(scores, stable=True)[n - m :])
     if config.method == "default":
-        selection = jax.nn.one_hot(keep, n, dtype=jnp.float32)
-        return PrunePlan(keep, scores, selection, selection, jnp.array(True), jnp.array(0.0))
+        return keep, scores, None, None, None
     features = normalize_rows(channel_features(variables, group))
     targets = features[keep]
     if config.target == "centroids":
         targets = _kmeans(features, targets)
-    cost = l1_cost(features, targets)
     a, b = marginals(config.marginals, scores, keep)
+    return keep, scores, l1_cost(features, targets), a, b
+
+
+def _solve(config: _Config, keep, scores, cost, a, b) -> PrunePlan:
+    """Transport plan -> maps. Pure; vmapped over same-sized problems by plan_groups."""
+    if config.method == "default":
+        selection = jax.nn.one_hot(keep, scores.shape[0], dtype=jnp.float32)
+        return PrunePlan(keep, scores, selection, selection, jnp.array(True), jnp.array(0.0))
     result = config.solver(cost, a, b)
     reader_map = transport_map(result.plan, a)
     writer_map = reader_map
@@ -112,11 +120,13 @@ def _plan(variables, group: Group, config: _Config, gradients, key) -> PrunePlan
     return PrunePlan(keep, scores, writer_map, reader_map, result.converged, result.marginal_error)
 
 
+_solve_one = jax.jit(_solve, static_argnums=0)
+_solve_batch = jax.jit(jax.vmap(_solve, in_axes=(None, 0, 0, 0, 0, 0)), static_argnums=0)
+
+
 @functools.partial(jax.jit, static_argnames=("group", "masked"))
 def _apply(variables, group: Group, plan: PrunePlan, masked: bool):
-    return merge_group(
-        variables, group, plan.writer_map, plan.reader_map, plan.keep, masked=masked
-    )
+    return merge_group(variables, group, plan.writer_map, plan.reader_map, plan.keep, masked=masked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,13 +143,18 @@ class _Config:
 class Pruner(NamedTuple):
     """A pair of pure functions (like an optax GradientTransformation).
 
-    ``plan(variables, group, *, gradients=None, key=None) -> PrunePlan`` and
+    ``plan(variables, group, *, gradients=None, key=None, scores=None) -> PrunePlan``
+    (``scores``, (n,), replaces the importance metric when given) and
     ``apply(variables, group, plan, *, masked=False) -> variables``. Both are
     jit-compiled and do not recompile for a repeated call with the same shapes.
+    ``plan_groups(variables, groups, ...) -> list[PrunePlan]`` plans several groups of
+    the same variables independently, solving same-sized transport problems together
+    in one vmapped call.
     """
 
     plan: Any
     apply: Any
+    plan_groups: Any
 
 
 def _make_solver(solver: str | Any, epsilon, max_iterations, threshold):
@@ -153,17 +168,40 @@ def _make_solver(solver: str | Any, epsilon, max_iterations, threshold):
 
 
 def _pruner(config: _Config) -> Pruner:
-    def plan(variables, group, *, gradients=None, key=None):
+    def problem(variables, group, gradients, key, scores=None):
         check_group(variables, group)
-        if key is None and config.importance == "random":
+        if scores is not None:
+            scores = jnp.asarray(scores, jnp.float32)
+            if scores.shape != (group_size(variables, group),):
+                raise ValueError(f"scores must have shape (n,) = ({group_size(variables, group)},)")
+        elif key is None and config.importance == "random":
             raise ValueError("importance='random' needs a PRNG key")
-        return _plan(variables, group, config, gradients, key)
+        return _problem(variables, group, config, gradients, key, scores)
+
+    def plan(variables, group, *, gradients=None, key=None, scores=None):
+        return _solve_one(config, *problem(variables, group, gradients, key, scores))
+
+    def plan_groups(variables, groups, *, gradients=None, key=None):
+        problems = []
+        for i, group in enumerate(groups):
+            group_key = None if key is None else jax.random.fold_in(key, i)
+            problems.append(problem(variables, group, gradients, group_key))
+        buckets: dict[tuple, list[int]] = {}
+        for i, p in enumerate(problems):
+            buckets.setdefault((p[1].shape[0], p[0].shape[0]), []).append(i)
+        plans: list[Any] = [None] * len(problems)
+        for members in buckets.values():
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(problems[i] for i in members))
+            batch = _solve_batch(config, *stacked)
+            for j, i in enumerate(members):
+                plans[i] = jax.tree.map(lambda x, j=j: x[j], batch)
+        return plans
 
     def apply(variables, group, plan, *, masked=False):
         check_group(variables, group)
         return _apply(variables, group, plan, masked)
 
-    return Pruner(plan, apply)
+    return Pruner(plan, apply, plan_groups)
 
 
 def intra_fusion(
@@ -222,7 +260,11 @@ def default_pruning(sparsity: float, importance: str = "l1") -> Pruner:
     rest. Same keep set as :func:`intra_fusion`."""
     check_sparsity(sparsity)
     _check_choice("importance", importance, IMPORTANCES)
-    return _pruner(_Config("default", float(sparsity), importance, "uniform", "most_important", None, "reference"))
+    return _pruner(
+        _Config(
+            "default", float(sparsity), importance, "uniform", "most_important", None, "reference"
+        )
+    )
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -295,6 +337,8 @@ def prune(
     _check_choice("method", method, METHODS)
     check_variables_finite(variables)
     groups = _resolve_groups(model, variables, groups, example_input)
+    for group in groups:
+        check_group(variables, group)
     if method == "default":
         if options:
             raise ValueError(f"options {sorted(options)} apply to intra_fusion only")

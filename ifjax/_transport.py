@@ -63,7 +63,9 @@ class TransportResult:
 
 
 jax.tree_util.register_dataclass(
-    TransportResult, data_fields=["plan", "converged", "iterations", "marginal_error"], meta_fields=[]
+    TransportResult,
+    data_fields=["plan", "converged", "iterations", "marginal_error"],
+    meta_fields=[],
 )
 
 

@@ -41,7 +41,9 @@ def check_group(variables: Mapping[str, Any], group: Group) -> None:
     for w in group.writers:
         sizes[path_str(w.kernel)] = _shape(variables, w.kernel, group)[w.axis]
     for r in group.readers:
-        sizes[path_str(r.kernel)] = _shape(variables, r.kernel, group)[r.axis] // (r.outer * r.inner)
+        sizes[path_str(r.kernel)] = _shape(variables, r.kernel, group)[r.axis] // (
+            r.outer * r.inner
+        )
     for path, axis in group.channel_params:
         sizes[path_str(path)] = _shape(variables, path, group)[axis]
     if len(set(sizes.values())) != 1:
@@ -71,7 +73,10 @@ def check_variables_match(model: Any, variables: Mapping[str, Any], example_inpu
     extra = [path_str(p) for p in got if p not in want]
     wrong = [f"{path_str(p)} {got[p]} != {want[p]}" for p in want if p in got and got[p] != want[p]]
     if missing or extra or wrong:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else ""]
+        parts = [
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {extra[:3]}" if extra else "",
+        ]
         parts.append(f"shape mismatch {wrong[:3]}" if wrong else "")
         raise ValueError(
             f"variables do not match {type(model).__name__}: " + "; ".join(p for p in parts if p)

@@ -38,12 +38,16 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         s = (self.strides, self.strides)
-        y = Conv(self.inner_widths[0], (3, 3), s, padding=1, use_bias=self.use_bias, name="conv1")(x)
+        y = Conv(self.inner_widths[0], (3, 3), s, padding=1, use_bias=self.use_bias, name="conv1")(
+            x
+        )
         y = nn.relu(_batch_norm(train, "bn1")(y))
         y = Conv(self.out_width, (3, 3), padding=1, use_bias=self.use_bias, name="conv2")(y)
         y = _batch_norm(train, "bn2")(y)
         if self.projection:
-            x = Conv(self.out_width, (1, 1), s, padding=0, use_bias=self.use_bias, name="conv_proj")(x)
+            x = Conv(
+                self.out_width, (1, 1), s, padding=0, use_bias=self.use_bias, name="conv_proj"
+            )(x)
             x = _batch_norm(train, "norm_proj")(x)
         return nn.relu(x + y)
 
@@ -62,12 +66,16 @@ class Bottleneck(nn.Module):
         s = (self.strides, self.strides)
         y = Conv(self.inner_widths[0], (1, 1), padding=0, use_bias=self.use_bias, name="conv1")(x)
         y = nn.relu(_batch_norm(train, "bn1")(y))
-        y = Conv(self.inner_widths[1], (3, 3), s, padding=1, use_bias=self.use_bias, name="conv2")(y)
+        y = Conv(self.inner_widths[1], (3, 3), s, padding=1, use_bias=self.use_bias, name="conv2")(
+            y
+        )
         y = nn.relu(_batch_norm(train, "bn2")(y))
         y = Conv(self.out_width, (1, 1), padding=0, use_bias=self.use_bias, name="conv3")(y)
         y = _batch_norm(train, "bn3")(y)
         if self.projection:
-            x = Conv(self.out_width, (1, 1), s, padding=0, use_bias=self.use_bias, name="conv_proj")(x)
+            x = Conv(
+                self.out_width, (1, 1), s, padding=0, use_bias=self.use_bias, name="conv_proj"
+            )(x)
             x = _batch_norm(train, "norm_proj")(x)
         return nn.relu(x + y)
 
@@ -107,9 +115,13 @@ class ResNet(nn.Module):
         """Maps images (N, H, W, 3) to logits (N, num_classes)."""
         block_cls, _ = _BLOCKS[self.block]
         if self.cifar_stem:
-            x = Conv(self.stem_width, (3, 3), padding=1, use_bias=self.use_bias, name="conv_init")(x)
+            x = Conv(self.stem_width, (3, 3), padding=1, use_bias=self.use_bias, name="conv_init")(
+                x
+            )
         else:
-            x = Conv(self.stem_width, (7, 7), (2, 2), padding=3, use_bias=self.use_bias, name="conv_init")(x)
+            x = Conv(
+                self.stem_width, (7, 7), (2, 2), padding=3, use_bias=self.use_bias, name="conv_init"
+            )(x)
         x = nn.relu(_batch_norm(train, "bn_init")(x))
         if not self.cifar_stem:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -20,9 +20,7 @@ VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 def scale_widths(cfg: Sequence[int | str], width_multiplier: float) -> tuple[int | str, ...]:
     """Scales every width of a VGG cfg, keeping at least one channel per layer."""
-    return tuple(
-        c if c == "M" else max(1, int(round(int(c) * width_multiplier))) for c in cfg
-    )
+    return tuple(c if c == "M" else max(1, int(round(int(c) * width_multiplier))) for c in cfg)
 
 
 class VGG(nn.Module):

@@ -1,0 +1,38 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import VGG, resnet18
+
+
+def random_variables(model, x, seed=0):
+    """Variables with random weights AND random BatchNorm statistics."""
+    variables = model.init(jax.random.key(seed), x)
+    rng = np.random.default_rng(seed)
+
+    def randomize(path, leaf):
+        name = str(path[-1].key)
+        if name == "var":
+            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), jnp.float32)
+        if name in ("mean", "bias"):
+            return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
+        if name == "scale":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), jnp.float32)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(randomize, variables)
+
+
+@pytest.fixture(scope="session")
+def tiny_vgg():
+    model = VGG(cfg=(8, "M", 16, "M", 16, "M"), num_classes=10)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 16, 16, 3)), jnp.float32)
+    return model, random_variables(model, x), x
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet():
+    model = resnet18(widths=(4, 8, 8, 8))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 32, 32, 3)), jnp.float32)
+    return model, random_variables(model, x), x

@@ -1,0 +1,118 @@
+"""Dependency groups discovered from the jaxpr match the reference's."""
+
+from __future__ import annotations
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ifjax
+from models import VGG, resnet18, resnet50, vgg11_bn
+from models.torch_weights import torch_module_names
+from tests.golden import GOLDEN, available
+
+
+def _abstract_variables(model, x):
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def _torch_groups(model, groups):
+    names = torch_module_names(model)
+    torch = lambda module: names["/".join(module)][0]
+    return [
+        (g.size, {torch(w.module) for w in g.writers}, {torch(r.module) for r in g.readers})
+        for g in groups
+    ]
+
+
+def _reference_groups(entries):
+    return [(e["n"], set(e["out_channel_layers"]), set(e["in_channel_layers"])) for e in entries]
+
+
+FULL = [
+    ("vgg11_bn_cifar", vgg11_bn, 32, 8),
+    ("resnet18_cifar", resnet18, 32, 12),
+    ("resnet50_torchvision", resnet50, 64, 37),
+]
+
+
+@pytest.mark.skipif(not available(), reason="../shared/golden not present")
+@pytest.mark.parametrize("key,factory,size,count", FULL)
+def test_full_model_groups_match_reference(key, factory, size, count):
+    reference = json.loads((GOLDEN / "groups_full_models.json").read_text())[key]["groups"]
+    model = factory()
+    x = jnp.zeros((1, size, size, 3))
+    groups = ifjax.discover_groups(model, _abstract_variables(model, x), x)
+    assert len(groups) == count
+    assert _torch_groups(model, groups) == _reference_groups(reference)
+    assert [g.index for g in groups] == list(range(count))
+
+
+@pytest.mark.skipif(not available(), reason="../shared/golden not present")
+@pytest.mark.parametrize("name", ["vgg11_tiny", "resnet18_tiny"])
+def test_tiny_model_groups_match_golden(name):
+    from tests.golden import Golden
+
+    golden = Golden(name)
+    groups = ifjax.discover_groups(golden.model, golden.variables, golden.x)
+    assert _torch_groups(golden.model, groups) == _reference_groups(golden.meta["groups"])
+
+
+def test_classifier_outputs_and_input_channels_are_never_grouped():
+    model = VGG(cfg=(4, "M", 8, "M"), num_classes=3)
+    x = jnp.zeros((1, 8, 8, 3))
+    groups = ifjax.discover_groups(model, _abstract_variables(model, x), x)
+    writers = {w.module for g in groups for w in g.writers}
+    assert ("classifier",) not in writers
+    assert [g.size for g in groups] == [8, 4]
+
+
+def test_flatten_of_several_positions_into_dense():
+    model = VGG(cfg=(4, "M", 6, "M"), num_classes=3)  # 16x16 -> 4x4x6 flattened
+    x = jnp.zeros((1, 16, 16, 3))
+    groups = ifjax.discover_groups(model, _abstract_variables(model, x), x)
+    (reader,) = groups[0].readers
+    assert reader.module == ("classifier",)
+    assert (reader.outer, reader.inner) == (16, 1)
+    assert groups[0].size == 6
+
+
+def test_batchnorm_and_bias_attached_to_their_writer():
+    model = resnet18(widths=(2, 4, 4, 4))
+    x = jnp.zeros((1, 32, 32, 3))
+    groups = ifjax.discover_groups(model, _abstract_variables(model, x), x)
+    for group in groups:
+        for w in group.writers:
+            assert w.bias == w.kernel[:-1] + ("bias",)
+            assert w.batchnorm is not None
+            assert w.batchnorm.module[:-1] == w.module[:-1]
+
+
+class _Concat(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        a = nn.Conv(4, (3, 3))(x)
+        return nn.Dense(2)(jnp.concatenate([a, x], axis=-1).mean((1, 2)))
+
+
+class _Depthwise(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3))(x)
+        x = nn.Conv(4, (3, 3), feature_group_count=4)(x)
+        return nn.Dense(2)(x.mean((1, 2)))
+
+
+@pytest.mark.parametrize(
+    "module,operation", [(_Concat(), "concatenate"), (_Depthwise(), "grouped")]
+)
+def test_unsupported_operation_is_named(module, operation):
+    x = jnp.zeros((1, 8, 8, 3))
+    variables = module.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=operation):
+        ifjax.discover_groups(module, variables, x)

@@ -1,0 +1,248 @@
+"""Properties of BatchNorm folding, Default pruning and Intra-Fusion."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ifjax
+from ifjax._tree import tree_get, tree_replace
+from tests.tree_asserts import assert_trees_equal, copy_tree
+
+
+def _setup(fixture):
+    model, variables, x = fixture
+    groups = ifjax.discover_groups(model, variables, x)
+    return model, variables, x, groups, ifjax.fold_batchnorm(variables, groups)
+
+
+@pytest.mark.parametrize("name", ["tiny_vgg", "tiny_resnet"])
+def test_fold_batchnorm_preserves_outputs(name, request):
+    model, variables, x, groups, folded = _setup(request.getfixturevalue(name))
+    expected = model.apply(variables, x)
+    np.testing.assert_allclose(model.apply(folded, x), expected, rtol=1e-4, atol=1e-5)
+    for group in groups:
+        for w in group.writers:
+            np.testing.assert_array_equal(tree_get(folded, w.batchnorm.var), 1.0)
+            np.testing.assert_array_equal(tree_get(folded, w.batchnorm.mean), 0.0)
+
+
+def test_default_pruning_equals_slicing(tiny_resnet):
+    model, _, x, groups, folded = _setup(tiny_resnet)
+    group = groups[3]
+    pruner = ifjax.default_pruning(0.5, "l1")
+    plan = pruner.plan(folded, group)
+    pruned = pruner.apply(folded, group, plan)
+    keep = np.asarray(plan.keep)
+    assert len(keep) == 4 and np.all(np.diff(keep) > 0)
+    get = lambda path: np.asarray(tree_get(folded, path))
+    updates = {w.kernel: np.take(get(w.kernel), keep, w.axis) for w in group.writers}
+    updates |= {r.kernel: np.take(get(r.kernel), keep, r.axis) for r in group.readers}
+    updates |= {p: np.take(get(p), keep, a) for p, a in group.channel_params}
+    for w in group.writers:
+        updates[w.bias] = np.take(get(w.bias), keep)
+    assert_trees_equal(pruned, tree_replace(folded, updates))
+    # the kept channels are the most important ones
+    scores = np.asarray(ifjax.group_importance(folded, group, "l1"))
+    assert scores[keep].min() >= np.delete(scores, keep).max()
+
+
+def _duplicated_model():
+    """A VGG whose conv0 channels 4..7 are exact copies of channels 0..3."""
+    from models import VGG
+
+    model = VGG(cfg=(8, "M", 4), num_classes=3)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+    v = model.init(jax.random.key(3), x)
+    p = v["params"]
+    dup = lambda a, axis: jnp.concatenate([jnp.take(a, jnp.arange(4), axis)] * 2, axis)
+    params = {
+        **p,
+        "conv0": {"kernel": dup(p["conv0"]["kernel"], 3), "bias": jnp.linspace(-0.1, 0.2, 8) % 0.3},
+        "conv1": {**p["conv1"], "kernel": dup(p["conv1"]["kernel"], 2)},
+    }
+    params["conv0"]["bias"] = dup(params["conv0"]["bias"], 0)
+    return model, {**v, "params": params}, x
+
+
+@pytest.mark.parametrize("normalization,exact", [("row_average", True), ("reference", False)])
+def test_fusing_exact_duplicates(normalization, exact):
+    model, variables, x = _duplicated_model()
+    groups = ifjax.discover_groups(model, variables, x)
+    folded = ifjax.fold_batchnorm(variables, groups)
+    group = groups[-1]  # conv0's channels
+    pruner = ifjax.intra_fusion(0.5, map_normalization=normalization)
+    scores = jnp.array([8.0, 1.0, 7.0, 2.0, 3.0, 6.0, 4.0, 5.0])  # one copy of each pair kept
+    plan = pruner.plan(folded, group, scores=scores)
+    np.testing.assert_array_equal(plan.keep, [0, 2, 5, 7])
+    pruned = pruner.apply(folded, group, plan)
+    out, expected = model.for_variables(pruned).apply(pruned, x), model.apply(variables, x)
+    if exact:
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert np.abs(out - expected).max() > 1e-2  # the reference's summed rows are not
+
+
+@pytest.mark.parametrize("method", ["default", "intra_fusion"])
+@pytest.mark.parametrize("name", ["tiny_vgg", "tiny_resnet"])
+def test_masked_form_equals_physical(method, name, request):
+    model, variables, x, groups, _ = _setup(request.getfixturevalue(name))
+    kwargs = dict(sparsity=0.4, method=method, importance="l1")
+    small_model, small, _ = ifjax.prune(model, variables, groups, **kwargs)
+    same_model, masked, _ = ifjax.prune(model, variables, groups, masked=True, **kwargs)
+    assert same_model is model
+    assert jax.tree.map(np.shape, masked) == jax.tree.map(np.shape, variables)
+    np.testing.assert_allclose(
+        model.apply(masked, x), small_model.apply(small, x), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_prune_all_groups_shrinks_every_group(tiny_resnet):
+    model, variables, x, groups, _ = _setup(tiny_resnet)
+    pruned_model, pruned, plans = ifjax.prune(
+        model, variables, "all", sparsity=0.5, example_input=x
+    )
+    assert len(plans) == len(groups) == 12
+    assert pruned_model.stream_widths == (2, 4, 4, 4)
+    assert pruned_model.apply(pruned, x).shape == (4, 10)
+    for group, plan in zip(groups, plans, strict=True):
+        assert plan.keep.shape == (group.size // 2,)
+
+
+def test_no_recompilation_on_repeated_calls(tiny_vgg):
+    model, variables, x, groups, folded = _setup(tiny_vgg)
+    pruner = ifjax.intra_fusion(0.5)
+    pruner.plan(folded, groups[1])
+    pruner.apply(folded, groups[1], pruner.plan(folded, groups[1]))
+    from ifjax import _prune
+
+    sizes = (
+        _prune._problem._cache_size(),
+        _prune._solve_one._cache_size(),
+        _prune._apply._cache_size(),
+    )
+    other = jax.tree.map(lambda a: a * 1.5, folded)  # new values, same shapes
+    again = ifjax.intra_fusion(0.5)  # a new pruner with the same settings
+    again.apply(other, groups[1], again.plan(other, groups[1]))
+    assert (
+        _prune._problem._cache_size(),
+        _prune._solve_one._cache_size(),
+        _prune._apply._cache_size(),
+    ) == sizes
+
+
+def test_plan_groups_batches_same_sized_problems(tiny_resnet):
+    _, _, _, groups, folded = _setup(tiny_resnet)
+    # vmapped Sinkhorn iterates until every problem of the batch converged: close, not equal
+    for solver, atol in (("exact", 1e-6), ("sinkhorn", 1e-3)):
+        pruner = ifjax.intra_fusion(0.5, solver=solver)
+        batched = pruner.plan_groups(folded, groups[:6])
+        for group, plan in zip(groups[:6], batched, strict=True):
+            single = pruner.plan(folded, group)
+            np.testing.assert_array_equal(plan.keep, single.keep)
+            np.testing.assert_allclose(plan.writer_map, single.writer_map, atol=atol)
+
+
+def test_sinkhorn_reports_convergence(tiny_vgg):
+    _, _, _, groups, folded = _setup(tiny_vgg)
+    converged = ifjax.intra_fusion(0.5, solver="sinkhorn", epsilon=1e-2).plan(folded, groups[0])
+    assert bool(converged.converged) and float(converged.marginal_error) < 1e-3
+    capped = ifjax.intra_fusion(0.5, solver="sinkhorn", epsilon=1e-4, max_iterations=20)
+    assert not bool(capped.plan(folded, groups[0]).converged)
+    exact = ifjax.intra_fusion(0.5).plan(folded, groups[0])
+    # columns of the map sum to 1 for both
+    np.testing.assert_allclose(exact.reader_map.sum(0), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(converged.reader_map.sum(0), 1.0, rtol=1e-2)
+
+
+def test_exact_plan_keeps_each_kept_channel_on_itself(tiny_vgg):
+    _, _, _, groups, folded = _setup(tiny_vgg)
+    plan = ifjax.intra_fusion(0.3).plan(folded, groups[1])
+    keep = np.asarray(plan.keep)
+    np.testing.assert_allclose(plan.reader_map[np.arange(len(keep)), keep], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(plan.reader_map.sum(1), 16 / len(keep), rtol=1e-5)
+
+
+def test_centroid_target_and_importance_marginals_run(tiny_vgg):
+    model, variables, x, groups, _ = _setup(tiny_vgg)
+    for options in ({"target": "centroids"}, {"marginals": "importance"}):
+        pm, pv, _ = ifjax.prune(model, variables, groups[0], sparsity=0.5, **options)
+        assert np.isfinite(pm.apply(pv, x)).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, "0.5", True, float("nan")])
+def test_bad_sparsity(sparsity, tiny_vgg):
+    model, variables, x = tiny_vgg
+    with pytest.raises(ValueError, match="sparsity"):
+        ifjax.prune(model, variables, 0, sparsity=sparsity, example_input=x)
+    with pytest.raises(ValueError, match="sparsity"):
+        ifjax.intra_fusion(sparsity)
+
+
+def test_sparsity_leaving_no_channel(tiny_vgg):
+    model, variables, x = tiny_vgg
+    with pytest.raises(ValueError, match="leaves no channel"):
+        ifjax.prune(model, variables, 2, sparsity=0.95, example_input=x)
+
+
+def test_group_from_another_model(tiny_vgg, tiny_resnet):
+    _, _, _, resnet_groups, _ = _setup(tiny_resnet)
+    model, variables, x = tiny_vgg
+    with pytest.raises(ValueError, match="does not belong"):
+        ifjax.prune(model, variables, resnet_groups[0], sparsity=0.5)
+    with pytest.raises(ValueError, match="unknown group"):
+        ifjax.prune(model, variables, 7, sparsity=0.5, example_input=x)
+
+
+def test_group_with_mismatched_sizes(tiny_vgg):
+    model, variables, x, groups, folded = _setup(tiny_vgg)
+    broken = tree_replace(folded, {("params", "conv2", "kernel"): jnp.zeros((3, 3, 9, 16))})
+    with pytest.raises(ValueError, match="does not match"):
+        ifjax.intra_fusion(0.5).plan(broken, groups[1])
+
+
+def test_variables_that_do_not_match_the_model(tiny_vgg):
+    model, variables, x = tiny_vgg
+    ifjax.check_variables_match(model, variables, x)
+    wrong = tree_replace(variables, {("params", "conv0", "kernel"): jnp.zeros((3, 3, 3, 5))})
+    with pytest.raises(ValueError, match="conv0/kernel"):
+        ifjax.check_variables_match(model, wrong, x)
+
+
+def test_nan_weights_are_rejected(tiny_vgg):
+    model, variables, x = tiny_vgg
+    bad = tree_replace(variables, {("params", "conv1", "kernel"): jnp.full((3, 3, 8, 16), jnp.nan)})
+    with pytest.raises(ValueError, match="conv1/kernel contains NaN"):
+        ifjax.prune(model, bad, 0, sparsity=0.5, example_input=x)
+
+
+@pytest.mark.parametrize("method", ["default", "intra_fusion"])
+def test_all_zero_channels_give_no_nan(method, tiny_vgg):
+    model, variables, x, groups, folded = _setup(tiny_vgg)
+    group = groups[1]  # conv1 (16 channels) read by conv2
+    zero_rows = {w.kernel: tree_get(folded, w.kernel).at[..., :5].set(0) for w in group.writers}
+    zero_rows |= {
+        r.kernel: tree_get(folded, r.kernel).at[:, :, :5, :].set(0) for r in group.readers
+    }
+    zeroed = tree_replace(folded, zero_rows)
+    for importance in ("l1", "lamp", "lamp_released"):
+        pm, pv, (plan,) = ifjax.prune(
+            model, zeroed, group, sparsity=0.5, method=method, importance=importance, fold=False
+        )
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(pv))
+        assert np.isfinite(pm.apply(pv, x)).all()
+
+
+def test_inputs_are_never_modified(tiny_resnet):
+    model, variables, x = tiny_resnet
+    before = copy_tree(variables)
+    groups = ifjax.discover_groups(model, variables, x)
+    ifjax.fold_batchnorm(variables, groups)
+    ifjax.prune(model, variables, "all", sparsity=0.5, example_input=x)
+    ifjax.prune(model, variables, "all", sparsity=0.5, example_input=x, masked=True)
+    assert_trees_equal(variables, before)
