@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
@@ -477,7 +478,9 @@ def discover_groups(
     paths, leaves, treedef = _flatten_variables(variables)
     shapes = [tuple(np.shape(x)) for x in leaves]
     apply: Callable = lambda flat, x: model.apply(treedef.unflatten(flat), x, **apply_kwargs)
-    abstract = [jax.ShapeDtypeStruct(s, np.asarray(x).dtype) for s, x in zip(shapes, leaves, strict=True)]
+    abstract = [
+        jax.ShapeDtypeStruct(s, jnp.result_type(x)) for s, x in zip(shapes, leaves, strict=True)
+    ]
     x_abstract = jax.ShapeDtypeStruct(np.shape(example_input), np.asarray(example_input).dtype)
     closed = jax.make_jaxpr(apply)(abstract, x_abstract)
     tracer = _Tracer(shapes)
