@@ -15,7 +15,6 @@ import time
 import numpy as np
 
 import ifjax
-from tests.golden import Golden
 from tests.test_golden import NAMES, _setup
 
 

@@ -246,3 +246,21 @@ def test_inputs_are_never_modified(tiny_resnet):
     ifjax.prune(model, variables, "all", sparsity=0.5, example_input=x)
     ifjax.prune(model, variables, "all", sparsity=0.5, example_input=x, masked=True)
     assert_trees_equal(variables, before)
+
+
+def test_fold_and_prune_without_conv_bias():
+    """Bias-free convolutions (ResNet50 style) keep the folded bias in the BatchNorm."""
+    from models import resnet18
+    from tests.conftest import random_variables
+
+    model = resnet18(widths=(4, 8, 8, 8), use_bias=False)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = random_variables(model, x)
+    groups = ifjax.discover_groups(model, variables, x)
+    folded = ifjax.fold_batchnorm(variables, groups)
+    np.testing.assert_allclose(
+        model.apply(folded, x), model.apply(variables, x), rtol=1e-4, atol=1e-5
+    )
+    pm, pv, _ = ifjax.prune(model, variables, groups, sparsity=0.5)
+    _, masked, _ = ifjax.prune(model, variables, groups, sparsity=0.5, masked=True)
+    np.testing.assert_allclose(pm.apply(pv, x), model.apply(masked, x), rtol=1e-4, atol=1e-5)
