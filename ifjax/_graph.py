@@ -133,6 +133,12 @@ class _Param:
     direct: int | None = None  # the leaf itself (up to dtype conversion)
 
 
+# A jitted function of this name taking (NHWC input, HWIO kernel, ...) is analysed as a
+# convolution whatever it computes inside: models can implement convolutions their own
+# way (e.g. patches + matmul for speed) and stay analysable.
+CONVOLUTION_NAME = "conv_general_dilated"
+
+
 class GraphError(ValueError):
     """The model contains an operation the dependency analysis cannot handle."""
 
@@ -238,6 +244,8 @@ class _Tracer:
 
     def call(self, eqn, ins):
         params = eqn.params
+        if params.get("name") == CONVOLUTION_NAME:
+            return [self.named_conv(eqn, ins)]
         sub = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
         if sub is None:
             raise GraphError(f"operation {eqn.primitive.name!r} has no inner jaxpr to analyse")
@@ -264,6 +272,19 @@ class _Tracer:
         self.add_reader(lhs, leaf, dn.rhs_spec[1])
         out = eqn.outvars[0].aval.shape[dn.out_spec[1]]
         return self.add_writer(leaf, dn.rhs_spec[0], out, dn.out_spec[1])
+
+    def named_conv(self, eqn, ins) -> _Act:
+        """A jitted function named ``conv_general_dilated``: NHWC input, HWIO kernel."""
+        lhs, rhs = ins[:2]
+        if not isinstance(lhs, _Act) or lhs.axis != len(eqn.invars[0].aval.shape) - 1:
+            raise GraphError(f"{CONVOLUTION_NAME}: expects an NHWC activation as first input")
+        leaf = self.kernel_leaf(rhs, CONVOLUTION_NAME)
+        kernel = self.leaf_shapes[leaf]
+        out_shape = eqn.outvars[0].aval.shape
+        if kernel[-2] != eqn.invars[0].aval.shape[-1] or kernel[-1] != out_shape[-1]:
+            raise GraphError(f"{CONVOLUTION_NAME}: kernel {kernel} is not HWIO for its input")
+        self.add_reader(lhs, leaf, len(kernel) - 2)
+        return self.add_writer(leaf, len(kernel) - 1, kernel[-1], len(out_shape) - 1)
 
     def dot(self, eqn, ins) -> _Act:
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]

@@ -116,3 +116,30 @@ def test_unsupported_operation_is_named(module, operation):
     variables = module.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=operation):
         ifjax.discover_groups(module, variables, x)
+
+
+def test_jitted_function_named_conv_general_dilated_is_a_convolution():
+    def conv_general_dilated(x, kernel, *args, **kwargs):  # computed another way
+        patches = jax.lax.conv_general_dilated_patches(
+            x, kernel.shape[:2], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        k = kernel.transpose(2, 0, 1, 3).reshape(-1, kernel.shape[-1])
+        return patches @ k
+
+    fast = jax.jit(conv_general_dilated)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(
+                nn.Conv(4, (3, 3), conv_general_dilated=lambda *a, **k: fast(a[0], a[1]))(x)
+            )
+            return nn.Dense(2)(nn.Conv(6, (3, 3))(x).mean((1, 2)))
+
+    x = jnp.ones((1, 8, 8, 3))
+    variables = Net().init(jax.random.key(0), x)
+    groups = ifjax.discover_groups(Net(), variables, x)
+    assert [(g.size, g.writers[0].module, g.readers[0].module) for g in groups] == [
+        (6, ("Conv_1",), ("Dense_0",)),
+        (4, ("Conv_0",), ("Conv_1",)),
+    ]
