@@ -1,0 +1,132 @@
+"""Tests of train/cli.py: argument errors are one clear line with exit status 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ifjax.checkpoint import save_model
+from models.registry import create_model, init_variables, model_spec
+from train import cli, jobs
+
+OFF = ["--compilation-cache", "off"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained vgg11_bn (width 1/16) saved as the train command saves models."""
+    model = create_model("vgg11_bn", 10, 0.0625)
+    path = tmp_path_factory.mktemp("ck") / "model"
+    metadata = dict(model="vgg11_bn", dataset="cifar10", width_multiplier=0.0625, image_size=32)
+    return save_model(
+        path, init_variables(model, 0), model_spec=model_spec(model), metadata=metadata
+    )
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IFJAX_DATA_DIR", str(tmp_path / "no_data"))
+    monkeypatch.setenv("IFJAX_CIFAR10_ZIP", str(tmp_path / "no.zip"))
+    monkeypatch.setenv("IFJAX_COMPILATION_CACHE", "off")
+
+
+def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Runs the command line, checks it failed cleanly, returns its one-line message."""
+    status = cli.main(OFF + argv)
+    captured = capsys.readouterr()
+    assert status == 2
+    lines = captured.err.strip().splitlines()  # (tfds may log a warning first)
+    assert [line for line in lines if "error" in line] == lines[-1:], captured.err
+    assert lines[-1].startswith("ifjax: error: ")
+    assert "Traceback" not in captured.err + captured.out
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["fly"], "invalid choice: 'fly'"),
+        (["train", "--model", "vgg16", "--workdir", "w"], "argument --model: invalid choice"),
+        (["train", "--model", "resnet18"], "required: --workdir"),
+        (["train", "--model", "resnet18", "--workdir", "w", "--epochs", "0"], "--epochs"),
+        (["train", "--model", "resnet18", "--workdir", "w", "--dataset", "mnist"], "mnist"),
+        (["prune", "--checkpoint", "c", "--out", "o", "--sparsity", "1.5"], "[0, 1)"),
+        (["prune", "--checkpoint", "c", "--out", "o", "--sparsity", "-0.1"], "[0, 1)"),
+        (["prune", "--checkpoint", "c", "--out", "o", "--sparsity", "half"], "'half'"),
+        (["prune", "--checkpoint", "c", "--out", "o", "--sparsity", "0.5", "--groups", "a"], "0,3"),
+        (["prune", "--checkpoint", "c", "--out", "o", "--sparsity", "0.5", "--solver", "x"], "x"),
+        (["datafree", "--checkpoint", "c", "--out", "o", "--sparsities", "0.1,1"], "[0, 1)"),
+        (["datafree", "--checkpoint", "c", "--out", "o", "--importances", "l1,l3"], "'l3'"),
+        (["datafree", "--checkpoint", "c", "--out", "o", "--methods", "fuse"], "'fuse'"),
+        (["demo", "--width-multiplier", "0"], "positive number"),
+    ],
+)
+def test_bad_arguments_are_named(capsys, argv, expected):
+    assert expected in _error(capsys, argv)
+
+
+def test_sparsity_error_names_the_problem(capsys):
+    line = _error(capsys, ["prune", "--checkpoint", "c", "--out", "o", "--sparsity", "1.5"])
+    assert line == "ifjax: error: argument --sparsity: sparsity must be in [0, 1), got '1.5'"
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune", "datafree", "prune"])
+def test_missing_checkpoint_is_named(capsys, tmp_path, command):
+    argv = [command, "--checkpoint", str(tmp_path / "nowhere")]
+    argv += {
+        "eval": [],
+        "finetune": ["--workdir", str(tmp_path / "w")],
+        "datafree": ["--out", str(tmp_path / "o")],
+        "prune": ["--out", str(tmp_path / "o"), "--sparsity", "0.5"],
+    }[command]
+    line = _error(capsys, argv)
+    assert f"no checkpoint at {tmp_path / 'nowhere'}" in line
+
+
+def test_unknown_group_index_is_named(capsys, checkpoint, tmp_path):
+    argv = ["prune", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")]
+    line = _error(capsys, argv + ["--sparsity", "0.5", "--groups", "0,9"])
+    assert line == "ifjax: error: unknown group 9: the model has groups 0..7"
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_not_overwritten(capsys, checkpoint, tmp_path):
+    (tmp_path / "o").mkdir()
+    argv = ["prune", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")]
+    line = _error(capsys, argv + ["--sparsity", "0.5"])
+    assert "exists; pass --overwrite" in line
+
+
+def test_unavailable_dataset_is_named(capsys, checkpoint):
+    line = _error(capsys, ["eval", "--checkpoint", str(checkpoint), "--dataset", "cifar100"])
+    assert "cifar100 is not prepared" in line
+
+
+def test_traceback_flag_reraises(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        cli.main(OFF + ["--traceback", "eval", "--checkpoint", str(tmp_path / "nowhere")])
+
+
+def test_help_exits_zero(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "prune", "finetune", "datafree", "demo"):
+        assert command in out
+    assert cli.main(["datafree", "--help"]) == 0
+    assert "lamp_released" in capsys.readouterr().out
+
+
+def test_compilation_cache_location(monkeypatch, tmp_path):
+    monkeypatch.setenv("IFJAX_COMPILATION_CACHE", str(tmp_path / "c"))
+    assert jobs.default_compilation_cache() == tmp_path / "c"
+    monkeypatch.setenv("IFJAX_COMPILATION_CACHE", "off")
+    assert jobs.default_compilation_cache() is None
+    monkeypatch.delenv("IFJAX_COMPILATION_CACHE")
+    assert jobs.default_compilation_cache() == Path("~/.cache/ifjax/jax").expanduser()
+
+
+def test_demo_settings_are_checked():
+    with pytest.raises(ValueError, match=r"unknown demo settings \['colour'\]"):
+        jobs.demo("unused", colour="red")

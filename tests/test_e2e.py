@@ -1,0 +1,198 @@
+"""End to end through the command line on a tiny CIFAR-10-like JPEG zip.
+
+train (stopped by --max-steps, then resumed) -> eval -> prune -> eval -> finetune, and the
+data-free sweep, all through ``train.cli.main``. Values are checked against independent
+computations: the resumed model equals an uninterrupted run, printed accuracies equal
+accuracies computed by hand, and sweep cells equal physically pruned models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import re
+import zipfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from tree_asserts import assert_trees_equal
+
+import ifjax
+from train import cli, data, jobs, paper
+
+CLASSES = ("airplane", "bird", "cat", "ship")
+MODEL_ARGS = ["--model", "vgg11_bn", "--width-multiplier", "0.0625", "--dataset", "cifar10_jpeg"]
+FIT_ARGS = ["--epochs", "2", "--batch-size", "16", "--schedule", "fast", "--seed", "1"]
+
+
+def _jpeg(rng: np.random.Generator, colour: np.ndarray) -> bytes:
+    pixels = np.clip(colour + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A zip of 4 classes (a colour each, plus noise): 16 train and 8 test images each."""
+    root = tmp_path_factory.mktemp("e2e")
+    rng = np.random.default_rng(0)
+    colours = rng.uniform(40, 215, (len(CLASSES), 3))
+    with zipfile.ZipFile(root / "tiny.zip", "w") as archive:
+        for split, count in (("train", 16), ("test", 8)):
+            for name, colour in zip(CLASSES, colours, strict=True):
+                for i in range(count):
+                    archive.writestr(f"cifar10/{split}/{name}/{i:04d}.jpg", _jpeg(rng, colour))
+    return {"root": root, "zip": root / "tiny.zip", "data": root / "tfds"}
+
+
+def _data_args(env: dict[str, Path]) -> list[str]:
+    return ["--zip-path", str(env["zip"]), "--data-dir", str(env["data"])]
+
+
+def _run(*argv: str) -> str:
+    """Runs the command line, asserts success and returns what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli.main(["--compilation-cache", "off", *argv])
+    assert status == 0, out.getvalue()
+    return out.getvalue()
+
+
+def _top1_by_hand(model, variables, env) -> float:
+    test = data.load_dataset("cifar10_jpeg", "test", data_dir=env["data"], zip_path=env["zip"])
+    logits = model.apply(variables, jnp.asarray(data.normalize(test.images)), train=False)
+    return 100 * float(np.mean(np.asarray(jnp.argmax(logits, -1)) == test.labels))
+
+
+@pytest.fixture(scope="module")
+def trained(env) -> Path:
+    """Trains with a stop after 5 of 8 steps, resumes; returns the workdir."""
+    workdir = env["root"] / "train"
+    args = ["train", *MODEL_ARGS, *FIT_ARGS, *_data_args(env), "--workdir", str(workdir)]
+    stopped = _run(*args, "--max-steps", "5")
+    assert "stopped after 1 complete epochs" in stopped
+    assert not (workdir / "model").exists()
+    saved = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert saved == ["step_000000004", "step_000000005"]  # end of epoch 1, the stop
+    resumed = _run(*args)
+    assert f"model saved to {workdir / 'model'}" in resumed
+    return workdir
+
+
+def test_resumed_training_equals_an_uninterrupted_run(trained, env):
+    workdir = env["root"] / "uninterrupted"
+    _run("train", *MODEL_ARGS, *FIT_ARGS, *_data_args(env), "--workdir", str(workdir))
+    resumed, uninterrupted = jobs.restore(trained / "model"), jobs.restore(workdir / "model")
+    assert_trees_equal(resumed.variables, uninterrupted.variables)
+    assert resumed.metadata == uninterrupted.metadata
+    assert resumed.metadata["model"] == "vgg11_bn"
+    assert resumed.metadata["training"]["train_images"] == 64
+    with open(trained / "metrics.csv") as file:
+        assert [row["epoch"] for row in csv.DictReader(file)] == ["1", "2"]
+
+
+def test_eval_prints_the_accuracy_of_the_checkpoint(trained, env):
+    out = _run("eval", "--checkpoint", str(trained / "model"), *_data_args(env))
+    restored = jobs.restore(trained / "model")
+    expected = _top1_by_hand(restored.model, restored.variables, env)
+    assert f"top-1: {expected:.2f}% " in out
+    assert "32 test images of cifar10_jpeg" in out
+    assert restored.metadata["test_top1"] == pytest.approx(expected)
+
+
+def _printed(label: str, out: str) -> float:
+    return float(re.search(rf"{label}: ([0-9.]+)%", out).group(1))
+
+
+def test_prune_eval_finetune(trained, env):
+    pruned_dir, tuned_dir = env["root"] / "pruned", env["root"] / "tuned"
+    out = _run(
+        "prune",
+        "--checkpoint",
+        str(trained / "model"),
+        "--groups",
+        "0,3",
+        "--sparsity",
+        "0.5",
+        "--importance",
+        "taylor",
+        "--evaluate",
+        "--out",
+        str(pruned_dir),
+        *_data_args(env),
+    )
+    assert "widths [4, 8, 16, 16, 32, 32, 32, 32] -> [4, 8, 16, 16, 16, 32, 32, 16]" in out
+    pruned = jobs.restore(pruned_dir)
+    assert _printed("after", out) == round(_top1_by_hand(pruned.model, pruned.variables, env), 2)
+    (step,) = pruned.info["history"]
+    assert step["operation"] == "prune" and step["method"] == "intra_fusion"
+    assert (step["groups"], step["sparsity"], step["importance"]) == ([0, 3], 0.5, "taylor")
+    assert step["solver"] == "exact" and step["map_normalization"] == "reference"
+    evaluated = _run("eval", "--checkpoint", str(pruned_dir), *_data_args(env))
+    assert _printed("top-1", evaluated) == _printed("after", out)
+
+    args = ["finetune", "--checkpoint", str(pruned_dir), "--workdir", str(tuned_dir)]
+    out = _run(*args, "--epochs", "1", "--batch-size", "16", *_data_args(env))
+    tuned = jobs.restore(tuned_dir / "model")
+    assert [s["operation"] for s in tuned.info["history"]] == ["prune", "finetune"]
+    assert tuned.model == pruned.model  # same pruned widths
+    assert _printed("test top-1", out) == round(tuned.metadata["test_top1"], 2)
+
+
+def test_datafree_writes_its_csv_markdown_and_plot(trained, env):
+    out_dir = env["root"] / "datafree"
+    out = _run(
+        "datafree",
+        "--checkpoint",
+        str(trained / "model"),
+        "--groups",
+        "0,7",
+        "--sparsities",
+        "0,0.5",
+        "--importances",
+        "l1,taylor",
+        "--out",
+        str(out_dir),
+        *_data_args(env),
+    )
+    with open(out_dir / "datafree.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 2 * 2 * 2 * 2
+    assert {(r["model"], r["dataset"]) for r in rows} == {("vgg11_bn", "cifar10_jpeg")}
+    assert {(r["group"], r["sparsity"]) for r in rows} == {
+        (g, s) for g in ("0", "7") for s in ("0.0", "0.5")
+    }
+    has_paper = paper.paper_datafree("vgg11_bn", "cifar10_jpeg") is not None
+    assert ("paper_gain" in rows[0]) == has_paper
+    restored = jobs.restore(trained / "model")
+    base = _top1_by_hand(restored.model, restored.variables, env)
+    for row in rows:
+        assert float(row["base_top1"]) == pytest.approx(base, abs=1e-4)
+        if row["sparsity"] == "0.0":
+            assert row["top1"] == row["base_top1"]
+    for method in ("default", "intra_fusion"):
+        (cell,) = [
+            r
+            for r in rows
+            if (r["group"], r["sparsity"], r["importance"], r["method"])
+            == ("7", "0.5", "l1", method)
+        ]
+        model, variables, _ = ifjax.prune(
+            restored.model,
+            restored.variables,
+            7,
+            sparsity=0.5,
+            method=method,
+            example_input=restored.example_input,
+        )
+        assert float(cell["top1"]) == pytest.approx(_top1_by_hand(model, variables, env), abs=1e-4)
+    table = (out_dir / "datafree.md").read_text()
+    assert "| group | importance |  | 0% | 50% |" in table and table in out
+    assert "| 7 | taylor | gain |" in table
+    assert (out_dir / "datafree.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out_dir / "datafree_gain.png").exists() == has_paper
