@@ -436,3 +436,19 @@ def test_real_cifar10_zip(tmp_path: Path) -> None:
         cached = data.load_dataset("cifar10_jpeg", split, data_dir=tmp_path)
         assert time.perf_counter() - start < 5 and "cache" in cached.source
         np.testing.assert_array_equal(cached.images, ds.images)
+
+
+def test_random_subset_is_reproducible_and_mixed():
+    images = np.repeat(np.arange(10, dtype=np.uint8), 20)[:, None, None, None] * np.ones(
+        (1, 2, 2, 3), np.uint8
+    )
+    labels = np.repeat(np.arange(10, dtype=np.int32), 20)  # sorted by class, like the zip
+    dataset = data.ArrayDataset(images, labels, 10, "toy", "train")
+    a = data.random_subset(dataset, 50, seed=1)
+    b = data.random_subset(dataset, 50, seed=1)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert len(a) == 50 and len(set(a.labels.tolist())) >= 8
+    np.testing.assert_array_equal(a.images[:, 0, 0, 0], a.labels)  # images follow labels
+    assert not np.array_equal(a.labels, data.random_subset(dataset, 50, seed=2).labels)
+    with pytest.raises(ValueError, match="subset size"):
+        data.random_subset(dataset, 0)

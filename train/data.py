@@ -67,6 +67,7 @@ __all__ = [
     "normalize",
     "prepare_cifar10_jpeg",
     "random_crop_flip",
+    "random_subset",
     "steps_per_epoch",
 ]
 
@@ -344,6 +345,14 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, indices: np.ndarray, split: str | None = None) -> ArrayDataset:
+        """The examples at ``indices`` (in that order) as a new dataset."""
+        indices = np.asarray(indices)
+        name = split if split is not None else f"{self.split}[{len(indices)} examples]"
+        return dataclasses.replace(
+            self, images=self.images[indices], labels=self.labels[indices], split=name
+        )
+
     def get_batch(
         self, indices: np.ndarray, rng: np.random.Generator | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -360,6 +369,18 @@ class ArrayDataset:
         if rng is not None:
             images = random_crop_flip(images, rng)
         return images, self.labels[indices]
+
+
+def random_subset(dataset: ArrayDataset, size: int, *, seed: int = 0) -> ArrayDataset:
+    """``size`` examples drawn without replacement, in random order, reproducible from seed.
+
+    The offline CIFAR-10 is stored sorted by class, so a slice such as ``train[:10%]``
+    holds one class only; use this for small representative subsets.
+    """
+    if not 0 < size <= len(dataset):
+        raise ValueError(f"subset size must be in [1, {len(dataset)}], got {size}")
+    order = np.random.default_rng(seed).permutation(len(dataset))[:size]
+    return dataset.subset(order, split=f"{dataset.split}[random {size}, seed {seed}]")
 
 
 def _read_examples(source: Sequence[dict], keys: list[int]) -> list[dict]:
