@@ -164,7 +164,9 @@ def _add_datafree(commands) -> None:
         "--sparsities", type=_list_of(_sparsity), default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     )
     sub.add_argument(
-        "--importances", type=_choices(ifjax.IMPORTANCES, "importance"), default=["l1", "lamp"]
+        "--importances",
+        type=_choices(ifjax.IMPORTANCES, "importance"),
+        default=["l1", "lamp", "taylor"],
     )
     sub.add_argument(
         "--methods", type=_choices(METHODS, "method"), default=["default", "intra_fusion"]
@@ -265,10 +267,13 @@ def _run_prune(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         **_data(args),
     )
+    changed = ", ".join(f"{k} {a}->{b}" for k, (a, b) in result["widths_changed"].items())
+    kept = result["params_after"] / result["params_before"]
     print(
         f"pruned groups {result['groups']} at sparsity {args.sparsity} ({args.method}, "
-        f"{args.importance}): widths {result['widths_before']} -> {result['widths_after']}"
+        f"{args.importance}): {changed}"
     )
+    print(f"parameters: {result['params_before']} -> {result['params_after']} ({kept:.1%} kept)")
     if args.evaluate:
         print(
             f"top-1 before: {result['top1_before']:.2f}%  after: {result['top1_after']:.2f}% "
@@ -312,7 +317,7 @@ def _run_demo(args: argparse.Namespace) -> None:
         overrides["importances"] = tuple(args.importances)
     result = jobs.demo(args.workdir, data_dir=args.data_dir, zip_path=args.zip_path, **overrides)
     trained = result["train"]
-    print(f"\nbase model: {trained['checkpoint']}, test top-1 {trained['test_top1']:.2f}%\n")
+    print(f"\nbase model {trained['checkpoint']}: test top-1: {trained['test_top1']:.2f}%\n")
     _report_datafree(result["datafree"])
     print(f"demo finished in {result['seconds'] / 60:.1f} min")
 

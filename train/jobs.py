@@ -49,7 +49,7 @@ DEMO = dict(
     model="vgg11_bn",
     dataset="cifar10_jpeg",
     width_multiplier=0.125,
-    epochs=6,
+    epochs=8,
     batch_size=128,
     schedule="fast",
     train_subset=None,
@@ -300,8 +300,9 @@ def prune_checkpoint(
     ``options`` (marginals, target, solver, epsilon, map_normalization) are Intra-Fusion's.
 
     Returns:
-      ``{"checkpoint", "groups", "widths_before", "widths_after"}`` and, with
-      ``evaluate``, ``"top1_before"`` and ``"top1_after"`` (percent).
+      ``{"checkpoint", "groups", "history_entry", "params_before", "params_after",
+      "widths_changed" ({layer: (before, after)})}`` and, with ``evaluate``,
+      ``"top1_before"`` and ``"top1_after"`` (percent).
     """
     restored = restore(checkpoint)
     if Path(out).exists() and not overwrite:
@@ -329,8 +330,7 @@ def prune_checkpoint(
     )
     step = dict(operation="prune", method=method, groups=indices, sparsity=sparsity)
     step |= dict(importance=importance, seed=seed, source=str(Path(checkpoint).absolute()))
-    step |= {k: v for k, v in options.items()}
-    step["converged"] = all(bool(p.converged) for p in plans)
+    step |= options | {"converged": all(bool(p.converged) for p in plans)}
     path = save_model(
         out,
         pruned,
@@ -340,7 +340,7 @@ def prune_checkpoint(
         overwrite=overwrite,
     )
     summary = dict(checkpoint=str(path), groups=indices, history_entry=step)
-    summary |= dict(widths_before=_widths(model), widths_after=_widths(pruned_model))
+    summary |= _size_change(variables, pruned)
     if evaluate:
         test_set = load_split(name, "test", data_dir=data_dir, zip_path=zip_path)
         for key, net, values in (("before", model, variables), ("after", pruned_model, pruned)):
@@ -349,10 +349,17 @@ def prune_checkpoint(
     return summary
 
 
-def _widths(model: Any) -> list[int]:
-    spec = model_spec(model)["fields"]
-    widths = spec.get("cfg") or spec.get("widths") or []
-    return [w for w in widths if w != "M"]
+def _size_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameter counts, and the output widths of the layers that changed."""
+    count = lambda tree: sum(int(np.size(x)) for x in jax.tree.leaves(tree["params"]))
+    widths = lambda tree: {
+        "/".join(str(getattr(k, "key", k)) for k in path[:-1]): int(x.shape[-1])
+        for path, x in jax.tree_util.tree_leaves_with_path(tree["params"])
+        if getattr(path[-1], "key", None) == "kernel"
+    }
+    old, new = widths(before), widths(after)
+    changed = {layer: (old[layer], new[layer]) for layer in old if old[layer] != new[layer]}
+    return dict(params_before=count(before), params_after=count(after), widths_changed=changed)
 
 
 def finetune(

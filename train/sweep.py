@@ -373,7 +373,12 @@ def _grid(count: int):
     columns = min(4, count)
     rows = math.ceil(count / columns)
     figure, axes = plt.subplots(
-        rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False, sharex=True
+        rows,
+        columns,
+        figsize=(3.2 * columns + 1.6, 2.6 * rows + 0.4),
+        squeeze=False,
+        sharex=True,
+        layout="constrained",
     )
     for ax in axes.flat[count:]:
         ax.set_visible(False)
@@ -399,12 +404,19 @@ def _series(rows, group: int, importance: str, value: str, method: str | None = 
 
 
 def _save(plt, figure, axes, path: str | os.PathLike, title: str, ylabel: str) -> Path:
+    """Title, legend (right of the plots) and axis labels; writes the PNG."""
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.legend(
+        handles,
+        labels,
+        loc="outside right upper",
+        fontsize=7,
+        frameon=False,
+        ncol=1,
+    )
     figure.supxlabel("sparsity of the group", fontsize=8)
     figure.supylabel(ylabel, fontsize=8)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
