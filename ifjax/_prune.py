@@ -273,20 +273,22 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 def _resolve_groups(model, variables, groups, example_input):
+    """(groups to prune, all groups of the model, or those given when not discovered)."""
     if isinstance(groups, Group):
-        return (groups,)
+        groups = (groups,)
     if isinstance(groups, Sequence) and groups and all(isinstance(g, Group) for g in groups):
-        return tuple(groups)
+        found = None if example_input is None else discover_groups(model, variables, example_input)
+        return tuple(groups), found or tuple(groups)
     if example_input is None:
         raise ValueError("pass Group objects, or example_input so the groups can be discovered")
     found = discover_groups(model, variables, example_input)
-    if groups == "all":
-        return found
+    if isinstance(groups, str) and groups == "all":
+        return found, found
     indices = [groups] if isinstance(groups, int) else list(groups)
     for i in indices:
-        if not isinstance(i, int) or not 0 <= i < len(found):
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(found):
             raise ValueError(f"unknown group {i!r}: the model has groups 0..{len(found) - 1}")
-    return tuple(found[i] for i in indices)
+    return tuple(found[i] for i in indices), found
 
 
 def prune(
@@ -306,8 +308,10 @@ def prune(
 ) -> tuple[Any, dict[str, Any], list[PrunePlan]]:
     """Prunes one group, several groups or all groups of a model.
 
-    BatchNorm is folded first (``fold=True``, as the reference), then the groups are
-    pruned one after another, each on the result of the previous ones.
+    BatchNorm is folded first (``fold=True``, as the reference: every BatchNorm of the
+    model when the groups are discovered here or ``example_input`` is given, else those
+    of the given groups), then the groups are pruned one after another, each on the
+    result of the previous ones.
 
     Args:
       model: Flax module; pruned widths are given back through its
@@ -336,7 +340,7 @@ def prune(
     check_sparsity(sparsity)
     _check_choice("method", method, METHODS)
     check_variables_finite(variables)
-    groups = _resolve_groups(model, variables, groups, example_input)
+    groups, every_group = _resolve_groups(model, variables, groups, example_input)
     for group in groups:
         check_group(variables, group)
     if method == "default":
@@ -346,7 +350,7 @@ def prune(
     else:
         pruner = intra_fusion(sparsity, importance, **options)
     if fold:
-        variables = fold_batchnorm(variables, groups)
+        variables = fold_batchnorm(variables, every_group)
     plans = []
     for i, group in enumerate(groups):
         group_key = None if key is None else jax.random.fold_in(key, i)
