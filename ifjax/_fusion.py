@@ -1,0 +1,455 @@
+"""Model fusion by optimal transport (OTFusion, Singh & Jaggi 2020), as used by PaF and FaP.
+
+Two or more models of the same architecture (same dependency groups and widths, dense or
+pruned alike) are fused by aligning every model to the first one, the *anchor*, and
+averaging the aligned weights. Aligning a model means finding, for every group, an
+(n, n) transport map ``T`` from its channels to the anchor's and applying it to the
+group's writers (output rows, biases, BatchNorm) and readers (input columns). Every
+kernel axis belongs to exactly one group, so applying each group's map to its own axes
+composes into ``K' = T_out K T_in^T`` for every kernel, in any order.
+
+Channel features (what the cost compares), per group:
+
+* ``"activation"`` (the paper's choice): the output of each writer's BatchNorm (before
+  the ReLU; the layer's own output when it has no BatchNorm) on the same input samples,
+  one vector per channel over samples and positions, normalized to unit length. A
+  residual stream is one group: its features concatenate the BatchNorm outputs of all
+  layers writing the stream (each normalized), so the stream gets one map, shared by all
+  its writers and readers. The activations of every model are recorded in its original
+  channel basis: a permutation of other groups does not change a model's function, so
+  the map found for a group does not depend on the maps of the others. Only sufficient
+  statistics are kept (channel norms and anchor-model cross products), accumulated over
+  chunks of samples, so memory does not grow with the number of samples.
+* ``"weight"``: the group's weights, as :func:`ifjax.channel_features`. Weight vectors
+  mix axes of several groups, so groups are aligned one after another, each on the
+  model with the maps found so far applied, and a layer's slice is compared only once
+  its other axis is aligned (or is the model's input or output): a writer's output rows
+  once the group it reads is aligned, a reader's input columns once the group it writes
+  is aligned. Groups are visited so that every group has at least one such writer
+  (the first layer writing it reads an earlier group).
+
+Cost: squared Euclidean distance between normalized features; marginals uniform;
+solver exact (POT's network simplex) or entropic (ott-jax Sinkhorn). The map is the plan
+scaled so that each anchor channel receives a convex combination of the other model's
+channels (a permutation matrix for an exact plan between equal uniform marginals).
+
+Averaging: every parameter is the mean of the aligned models; BatchNorm running
+statistics are combined as the statistics of the mixture: ``mean = mean_i(mean_i)`` and
+``var = mean_i(var_i + mean_i^2) - mean^2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifjax._graph import Group, discover_groups
+from ifjax._prune import _make_solver
+from ifjax._tree import Path, tree_get, tree_paths, tree_replace
+from ifjax._validate import check_group, check_variables_finite
+
+__all__ = ["FUSION_METHODS", "align", "average_variables", "fuse"]
+
+FUSION_METHODS = ("activation", "weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    method: str
+    solver: Any
+    num_samples: int
+    batch_size: int
+    apply_kwargs: tuple[tuple[str, Any], ...]
+
+
+# ----------------------------------------------------------------------------- maps
+# Weight surgery runs in numpy on the host: it is done once per fusion, and compiling
+# a few hundred small XLA computations would cost far more than the arithmetic.
+
+
+def squared_euclidean(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pairwise squared Euclidean distances (n, m) between rows of x (n, D) and y (m, D)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    cost = np.sum(x * x, 1)[:, None] + np.sum(y * y, 1)[None, :] - 2 * x @ y.T
+    return np.maximum(cost, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("solver",))
+def _solve_map(cost: jnp.ndarray, solver: Any) -> jnp.ndarray:
+    n_source, n_target = cost.shape
+    a = jnp.full((n_source,), 1.0 / n_source)
+    b = jnp.full((n_target,), 1.0 / n_target)
+    plan = solver(cost, a, b).plan
+    mass = jnp.sum(plan, axis=0)
+    return plan.T / jnp.where(mass > 0, mass, 1.0)[:, None]
+
+
+def _alignment_map(cost: np.ndarray, solver: Any) -> np.ndarray:
+    """Map (n_anchor, n_other) from a cost (n_other, n_anchor), uniform marginals.
+
+    Row k of the map holds the weights of the other model's channels that become its
+    channel k: the plan's column k divided by its mass, a convex combination.
+    """
+    return np.asarray(_solve_map(jnp.asarray(cost, jnp.float32), solver))
+
+
+def _apply_map(matrix: np.ndarray, x: np.ndarray, axis: int, outer: int = 1, inner: int = 1):
+    """Applies ``matrix`` (m, n) to axis ``axis`` of ``x`` laid out as (outer, n, inner)."""
+    moved = np.moveaxis(x, axis, 0)
+    rest = moved.shape[1:]
+    blocks = moved.reshape((outer, matrix.shape[1], -1))
+    merged = np.einsum("kj,ojr->okr", matrix.astype(x.dtype), blocks, optimize=True)
+    return np.moveaxis(merged.reshape((-1,) + rest), 0, axis)
+
+
+def _channel_rows(kernel: np.ndarray, axis: int, n: int, outer: int = 1, inner: int = 1):
+    """The kernel as (n, everything else): row j holds channel j's slice."""
+    moved = np.moveaxis(np.asarray(kernel), axis, 0)
+    blocks = moved.reshape((outer, n, -1))
+    return np.moveaxis(blocks, 1, 0).reshape(n, -1)
+
+
+def _transport_group(variables: Any, group: Group, transport: np.ndarray) -> dict[str, Any]:
+    """Applies an (n, n) map to every slice of a group, BatchNorm statistics as moments.
+
+    Kernels, biases and BatchNorm scale/bias/mean mix linearly; a BatchNorm variance
+    becomes the variance of the mixture, ``T var + T mean^2 - (T mean)^2`` (exactly
+    ``var`` permuted when ``T`` is a permutation).
+    """
+    get = lambda path: np.asarray(tree_get(variables, path))
+    updates: dict[Path, np.ndarray] = {}
+    for w in group.writers:
+        updates[w.kernel] = _apply_map(transport, get(w.kernel), w.axis)
+    for r in group.readers:
+        updates[r.kernel] = _apply_map(transport, get(r.kernel), r.axis, r.outer, r.inner)
+    params = dict(group.channel_params)
+    for path, axis in group.channel_params:
+        mean_path = path[:-1] + ("mean",)
+        updates[path] = _apply_map(transport, get(path), axis)
+        if path[0] == "batch_stats" and path[-1] == "var" and mean_path in params:
+            mean = get(mean_path)
+            spread = _apply_map(transport, mean**2, axis) - _apply_map(transport, mean, axis) ** 2
+            updates[path] = updates[path] + np.maximum(spread, 0.0)
+    return tree_replace(variables, updates)
+
+
+def _transport_all(variables: Any, groups: Sequence[Group], maps: Mapping[int, Any]) -> Any:
+    for group in groups:
+        variables = _transport_group(variables, group, maps[group.index])
+    return variables
+
+
+def _to_host(variables: Mapping[str, Any]) -> dict[str, Any]:
+    return jax.tree.map(np.asarray, jax.device_get(dict(variables)))
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def _captured_module(writer) -> Path:
+    return writer.batchnorm.module if writer.batchnorm is not None else writer.module
+
+
+def _group_modules(group: Group) -> tuple[Path, ...]:
+    return tuple(dict.fromkeys(_captured_module(w) for w in group.writers))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "modules", "apply_kwargs"))
+def _activations(model, variables, x, modules, apply_kwargs) -> dict[Path, jnp.ndarray]:
+    """Outputs of the given modules on x, each as (channels, samples * positions)."""
+    wanted = set(modules)
+    _, state = model.apply(
+        variables,
+        x,
+        capture_intermediates=lambda mdl, name: name == "__call__" and mdl.path in wanted,
+        **dict(apply_kwargs),
+    )
+    out = {}
+    for module in modules:
+        value = tree_get(state, ("intermediates",) + module + ("__call__",))[0]
+        out[module] = jnp.moveaxis(value, -1, 0).reshape(value.shape[-1], -1)
+    return out
+
+
+@jax.jit
+def _accumulate(stats, anchor, other):
+    """Adds a chunk's squared channel norms and anchor-other cross products."""
+    norms_a, norms_b, cross = stats
+    return (
+        {m: norms_a[m] + jnp.sum(anchor[m] ** 2, 1) for m in anchor},
+        {m: norms_b[m] + jnp.sum(other[m] ** 2, 1) for m in other},
+        {m: cross[m] + anchor[m] @ other[m].T for m in anchor},
+    )
+
+
+def _zero_statistics(anchor, other):
+    norms = lambda acts: {m: jnp.zeros(a.shape[0]) for m, a in acts.items()}
+    cross = {m: jnp.zeros((anchor[m].shape[0], other[m].shape[0])) for m in anchor}
+    return norms(anchor), norms(other), cross
+
+
+def _statistics(model, variables_list, modules, inputs, config: _Config):
+    """Per other model: (anchor norms^2, its norms^2, cross products) per module."""
+    kwargs = config.apply_kwargs
+    stats = [None] * (len(variables_list) - 1)
+    for start in range(0, config.num_samples, config.batch_size):
+        x = jnp.asarray(inputs[start : min(start + config.batch_size, config.num_samples)])
+        anchor = _activations(model, variables_list[0], x, modules, kwargs)
+        for i, variables in enumerate(variables_list[1:]):
+            other = _activations(model, variables, x, modules, kwargs)
+            stats[i] = _accumulate(stats[i] or _zero_statistics(anchor, other), anchor, other)
+    return stats
+
+
+def _activation_cost(stats, modules: Sequence[Path]) -> np.ndarray:
+    """Mean over modules of squared distances of normalized activations, (n_other, n_anchor)."""
+    norms_a, norms_b, cross = stats
+    total = 0.0
+    for m in modules:
+        na, nb = np.sqrt(norms_a[m]), np.sqrt(norms_b[m])
+        cosine = cross[m] / np.where(na > 0, na, 1.0)[:, None] / np.where(nb > 0, nb, 1.0)
+        total = total + (na > 0)[:, None] + (nb > 0)[None, :] - 2 * cosine
+    return np.maximum(total / len(modules), 0.0).T
+
+
+def _activation_alignment(model, variables_list, groups, inputs, config: _Config):
+    """Aligned variables and maps of every non-anchor model, from activations."""
+    modules = tuple(dict.fromkeys(m for g in groups for m in _group_modules(g)))
+    all_stats = _statistics(model, variables_list, modules, inputs, config)
+    results = []
+    for variables, stats in zip(variables_list[1:], all_stats, strict=True):
+        stats = jax.tree.map(lambda x: np.asarray(x, np.float64), stats)
+        maps = {
+            g.index: _alignment_map(_activation_cost(stats, _group_modules(g)), config.solver)
+            for g in groups
+        }
+        results.append((_transport_all(_to_host(variables), groups, maps), maps))
+    return results
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _neighbour_groups(groups: Sequence[Group]) -> tuple[dict[Path, int], dict[Path, int]]:
+    """{kernel: group it reads} and {kernel: group it writes}."""
+    reads = {r.kernel: g.index for g in groups for r in g.readers}
+    writes = {w.kernel: g.index for g in groups for w in g.writers}
+    return reads, writes
+
+
+def _forward_order(groups: Sequence[Group]) -> list[Group]:
+    """Groups so that each has a writer reading the input or an earlier group."""
+    reads, _ = _neighbour_groups(groups)
+    order, done, left = [], {-1}, sorted(groups, key=lambda g: -g.index)
+    while left:
+        ready = [g for g in left if any(reads.get(w.kernel, -1) in done for w in g.writers)]
+        group = ready[0] if ready else left[0]
+        order.append(group)
+        done.add(group.index)
+        left.remove(group)
+    return order
+
+
+def _weight_features(variables, group: Group, done: set[int], neighbours) -> np.ndarray:
+    """Unit-norm weight slices (n, D) whose other axis is aligned already (or fixed)."""
+    reads, writes = neighbours
+    get = lambda path: np.asarray(tree_get(variables, path))
+    n = get(group.writers[0].kernel).shape[group.writers[0].axis]
+    writers = [w for w in group.writers if reads.get(w.kernel, -1) in done] or group.writers
+    rows = [_channel_rows(get(w.kernel), w.axis, n) for w in writers]
+    rows += [
+        _channel_rows(get(r.kernel), r.axis, n, r.outer, r.inner)
+        for r in group.readers
+        if writes.get(r.kernel, -1) in done
+    ]
+    features = np.concatenate(rows, axis=1).astype(np.float64)
+    norm = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.where(norm > 0, norm, 1.0)
+
+
+def _weight_alignment(anchor, other, groups: Sequence[Group], config: _Config):
+    """Aligns one model to the anchor group by group (see the module docstring)."""
+    anchor, other = _to_host(anchor), _to_host(other)
+    neighbours = _neighbour_groups(groups)
+    done, maps = {-1}, {}
+    for group in _forward_order(groups):
+        features_a = _weight_features(anchor, group, done, neighbours)
+        features_b = _weight_features(other, group, done, neighbours)
+        maps[group.index] = _alignment_map(squared_euclidean(features_b, features_a), config.solver)
+        other = _transport_group(other, group, maps[group.index])
+        done.add(group.index)
+    return other, maps
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def average_variables(variables_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Averages models of equal shapes; BatchNorm statistics as those of the mixture.
+
+    Every leaf becomes the mean over the models, except a ``batch_stats`` ``var`` next to
+    a ``mean``: ``var = mean_i(var_i + mean_i^2) - mean^2`` with ``mean = mean_i(mean_i)``.
+
+    Args:
+      variables_list: variables of one architecture (already aligned for fusion).
+
+    Returns:
+      The averaged variables (plain nested dicts of jax arrays).
+
+    Example:
+      >>> fused = average_variables([variables_a, aligned_b])
+    """
+    if not variables_list:
+        raise ValueError("average_variables needs at least one model")
+    host = [_to_host(v) for v in variables_list]
+    mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *host)
+    paths = tree_paths(mean)
+    updates = {}
+    for path in paths:
+        mean_path = path[:-1] + ("mean",)
+        if path[0] != "batch_stats" or path[-1] != "var" or mean_path not in paths:
+            continue
+        second = [tree_get(v, path) + tree_get(v, mean_path) ** 2 for v in host]
+        updates[path] = np.maximum(sum(second) / len(second) - paths[mean_path] ** 2, 0.0)
+    return jax.tree.map(jnp.asarray, tree_replace(mean, updates))
+
+
+def _config(method, solver, num_samples, batch_size, apply_kwargs, options) -> _Config:
+    if method not in FUSION_METHODS:
+        raise ValueError(f"unknown fusion method {method!r}; choose one of {FUSION_METHODS}")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(
+            f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
+        )
+    solver = _make_solver(
+        solver,
+        options.pop("epsilon", 1e-3),
+        options.pop("max_iterations", 5000),
+        options.pop("threshold", 1e-4),
+    )
+    if options:
+        raise ValueError(f"unknown options {sorted(options)}")
+    kwargs = tuple(sorted((apply_kwargs or {}).items()))
+    return _Config(method, solver, int(num_samples), int(batch_size), kwargs)
+
+
+def _prepare(model, variables_list, example_input, groups, inputs, config: _Config):
+    """Checks the models and inputs; discovers the groups if needed."""
+    if len(variables_list) < 2:
+        raise ValueError(f"fusion needs at least two models, got {len(variables_list)}")
+    shapes = [jax.tree.map(np.shape, v) for v in variables_list]
+    if any(s != shapes[0] for s in shapes[1:]):
+        raise ValueError("models to fuse must have the same variables and shapes (equal widths)")
+    for variables in variables_list:
+        check_variables_finite(variables)
+    if config.method == "activation":
+        if inputs is None:
+            raise ValueError("method='activation' needs inputs: samples to record activations on")
+        if len(inputs) < config.num_samples:
+            raise ValueError(f"need {config.num_samples} input samples, got {len(inputs)}")
+    if groups is None:
+        if example_input is None:
+            example_input = None if inputs is None else np.asarray(inputs[:1])
+        if example_input is None:
+            raise ValueError("pass groups, example_input or inputs to discover the groups")
+        groups = discover_groups(model, variables_list[0], example_input)
+    groups = tuple(groups)
+    for group in groups:
+        check_group(variables_list[0], group)
+    return groups
+
+
+def align(
+    model: Any,
+    anchor: Mapping[str, Any],
+    other: Mapping[str, Any],
+    *,
+    example_input: Any = None,
+    groups: Sequence[Group] | None = None,
+    method: str = "activation",
+    inputs: Any = None,
+    num_samples: int = 200,
+    solver: str | Any = "exact",
+    batch_size: int = 50,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+    """Aligns the channels of ``other`` to those of ``anchor`` (the OTFusion step).
+
+    Arguments as :func:`fuse`, for one model.
+
+    Returns:
+      ``(aligned, maps)``: ``other`` with every group's map applied (for exact plans a
+      permutation of its channels, so it computes the same function), and
+      ``{group index: (n, n) map}``, row k being the weights of ``other``'s channels
+      that become channel k.
+
+    Example:
+      >>> aligned, maps = align(model, variables_a, variables_b, inputs=images[:200])
+    """
+    config = _config(method, solver, num_samples, batch_size, apply_kwargs, options)
+    variables_list = [anchor, other]
+    groups = _prepare(model, variables_list, example_input, groups, inputs, config)
+    if config.method == "activation":
+        aligned, maps = _activation_alignment(model, variables_list, groups, inputs, config)[0]
+    else:
+        aligned, maps = _weight_alignment(anchor, other, groups, config)
+    return jax.tree.map(jnp.asarray, aligned), maps
+
+
+def fuse(
+    model: Any,
+    variables_list: Sequence[Mapping[str, Any]],
+    *,
+    example_input: Any = None,
+    groups: Sequence[Group] | None = None,
+    method: str = "activation",
+    inputs: Any = None,
+    num_samples: int = 200,
+    solver: str | Any = "exact",
+    batch_size: int = 50,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Fuses models of one architecture by OTFusion: align to the first, then average.
+
+    Args:
+      model: the Flax module of all the variables (dense or pruned, equal widths).
+      variables_list: two or more ``{"params": ..., "batch_stats": ...}``; the first is
+        the anchor the others are aligned to. Never modified.
+      example_input: an input batch to discover the groups (default: ``inputs[:1]``).
+      groups: the model's groups from :func:`discover_groups` (all of them), instead.
+      method: ``"activation"`` (the paper's choice) or ``"weight"`` (see the module
+        docstring).
+      inputs: (N, H, W, C) samples for ``"activation"``; the first ``num_samples`` are
+        used, the same for every model.
+      num_samples: samples to record activations on (the paper: 200).
+      solver: ``"exact"`` (POT network simplex), ``"sinkhorn"`` (ott-jax; options
+        ``epsilon``, ``max_iterations``, ``threshold``) or a solver object
+        ``solver(cost, a, b) -> TransportResult``.
+      batch_size: samples per forward pass while recording activations.
+      apply_kwargs: passed to ``model.apply`` (e.g. ``{"train": False}``).
+      **options: Sinkhorn settings.
+
+    Returns:
+      The fused variables, with the anchor's structure and shapes.
+
+    Example:
+      >>> fused = fuse(model, [variables_a, variables_b], inputs=train_images[:200])
+      >>> logits = model.apply(fused, x)
+    """
+    config = _config(method, solver, num_samples, batch_size, apply_kwargs, options)
+    groups = _prepare(model, variables_list, example_input, groups, inputs, config)
+    if config.method == "activation":
+        aligned = _activation_alignment(model, variables_list, groups, inputs, config)
+    else:
+        aligned = [
+            _weight_alignment(variables_list[0], v, groups, config) for v in variables_list[1:]
+        ]
+    return average_variables([variables_list[0]] + [a for a, _ in aligned])
