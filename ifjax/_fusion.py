@@ -73,7 +73,7 @@ class _Config:
 # a few hundred small XLA computations would cost far more than the arithmetic.
 
 
-def squared_euclidean(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _squared_euclidean(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Pairwise squared Euclidean distances (n, m) between rows of x (n, D) and y (m, D)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     cost = np.sum(x * x, 1)[:, None] + np.sum(y * y, 1)[None, :] - 2 * x @ y.T
@@ -184,7 +184,7 @@ def _accumulate(stats, anchor, other):
     return (
         {m: norms_a[m] + jnp.sum(anchor[m] ** 2, 1) for m in anchor},
         {m: norms_b[m] + jnp.sum(other[m] ** 2, 1) for m in other},
-        {m: cross[m] + anchor[m] @ other[m].T for m in anchor},
+        {m: cross[m] + jnp.matmul(anchor[m], other[m].T, precision="highest") for m in anchor},
     )
 
 
@@ -214,7 +214,8 @@ def _activation_cost(stats, modules: Sequence[Path]) -> np.ndarray:
     for m in modules:
         na, nb = np.sqrt(norms_a[m]), np.sqrt(norms_b[m])
         cosine = cross[m] / np.where(na > 0, na, 1.0)[:, None] / np.where(nb > 0, nb, 1.0)
-        total = total + (na > 0)[:, None] + (nb > 0)[None, :] - 2 * cosine
+        unit_a, unit_b = (na > 0).astype(np.float64), (nb > 0).astype(np.float64)
+        total = total + unit_a[:, None] + unit_b[None, :] - 2 * cosine
     return np.maximum(total / len(modules), 0.0).T
 
 
@@ -281,7 +282,9 @@ def _weight_alignment(anchor, other, groups: Sequence[Group], config: _Config):
     for group in _forward_order(groups):
         features_a = _weight_features(anchor, group, done, neighbours)
         features_b = _weight_features(other, group, done, neighbours)
-        maps[group.index] = _alignment_map(squared_euclidean(features_b, features_a), config.solver)
+        maps[group.index] = _alignment_map(
+            _squared_euclidean(features_b, features_a), config.solver
+        )
         other = _transport_group(other, group, maps[group.index])
         done.add(group.index)
     return other, maps

@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 import ifjax
-from ifjax._fusion import align, average_variables, fuse
+from ifjax._fusion import _activation_cost, align, average_variables, fuse
 from ifjax._tree import tree_get, tree_replace
 from models import VGG, resnet18
 from tests.tree_asserts import assert_trees_equal
@@ -197,6 +197,28 @@ def test_fusing_pruned_models_of_equal_widths(tiny_vgg):
     np.testing.assert_allclose(
         pruned_model.apply(fused, x), pruned_model.apply(pruned, x), rtol=1e-5, atol=1e-5
     )
+
+
+def test_activation_cost_from_statistics_equals_the_direct_distances():
+    rng = np.random.default_rng(0)
+    parts = {}
+    for name, size in (("bn_a", 50), ("bn_b", 40)):  # two writers of a group (a stream)
+        anchor, other = rng.normal(size=(3, size)), rng.normal(size=(3, size))
+        other[1] = 0.0  # a dead channel: its normalized vector is zero, never NaN
+        parts[name] = (anchor, other)
+    stats = tuple(
+        {m: f(*p) for m, p in parts.items()}
+        for f in (
+            lambda a, b: (a**2).sum(1),
+            lambda a, b: (b**2).sum(1),
+            lambda a, b: a @ b.T,
+        )
+    )
+    unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-30)
+    direct = [((unit(b)[:, None, :] - unit(a)[None, :, :]) ** 2).sum(-1) for a, b in parts.values()]
+    expected = (direct[0] + direct[1]) / 2  # (other, anchor), mean over the writers
+    np.testing.assert_allclose(_activation_cost(stats, list(parts)), expected, atol=1e-12)
+    np.testing.assert_allclose(expected[1], 1.0)  # |0 - unit|^2
 
 
 def test_average_variables_combines_batchnorm_statistics_as_a_mixture():

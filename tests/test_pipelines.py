@@ -12,6 +12,7 @@ import ifjax
 import train.pipelines
 from ifjax.checkpoint import restore_model
 from models import VGG
+from tests.tree_asserts import assert_trees_equal
 from train.data import ArrayDataset
 from train.pipelines import REPORT_COLUMNS, fap, paf, prune_schedule, prune_to_widths, split_train
 
@@ -138,6 +139,10 @@ def test_prune_to_widths_keeps_exactly_the_targets():
     assert model.cfg == (3, "M", 5, "M")
     assert {g.index: g.size for g in ifjax.discover_groups(model, pruned, x)} == {0: 5, 1: 3}
     assert model.apply(pruned, x).shape == (1, 3)
+    # at the keep counts of one sparsity it is ifjax.prune of all groups
+    _, halved = prune_to_widths(MODEL, variables, {0: 8, 1: 4}, example_input=x)
+    _, expected, _ = ifjax.prune(MODEL, variables, "all", sparsity=0.5, example_input=x)
+    assert_trees_equal(halved, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_fap_end_to_end(data, tmp_path):

@@ -219,16 +219,36 @@ def prune_to_widths(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prunes every group to the given channel count (Intra-Fusion by default).
 
-    Each group is pruned with :func:`ifjax.prune` at the sparsity that keeps exactly
-    ``targets[group.index]`` channels (groups already that narrow are left alone).
+    Every BatchNorm is folded first (as :func:`ifjax.prune` does for all groups); then
+    each group, from group 0 on, is pruned with :func:`ifjax.prune` at the sparsity that
+    keeps exactly ``targets[group.index]`` channels (groups that narrow are left alone).
+
+    Args:
+      model: the Linen model (with ``for_variables``).
+      variables: its variables.
+      targets: ``{group index: channels to keep}``.
+      example_input: an input batch, to discover the groups.
+      importance: importance metric (see :func:`ifjax.group_importance`).
+      method: ``"intra_fusion"`` or ``"default"``.
+
+    Returns:
+      ``(pruned_model, pruned_variables)``.
     """
-    for group in ifjax.discover_groups(model, variables, example_input):
+    groups = ifjax.discover_groups(model, variables, example_input)
+    variables = ifjax.fold_batchnorm(variables, groups)  # all of them first, as ifjax.prune
+    for group in groups:
         target = targets[group.index]
         if target >= group.size:
             continue
         sparsity = 1.0 - (target + 0.5) / group.size  # int(n * (1 - s)) == target
         model, variables, _ = ifjax.prune(
-            model, variables, group, sparsity=sparsity, method=method, importance=importance
+            model,
+            variables,
+            group,
+            sparsity=sparsity,
+            method=method,
+            importance=importance,
+            fold=False,
         )
     return model, variables
 
