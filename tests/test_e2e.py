@@ -104,6 +104,10 @@ def test_eval_prints_the_accuracy_of_the_checkpoint(trained, env):
     assert f"top-1: {expected:.2f}% " in out
     assert "32 test images of cifar10_jpeg" in out
     assert restored.metadata["test_top1"] == pytest.approx(expected)
+    subset = _run(
+        "eval", "--checkpoint", str(trained / "model"), "--test-subset", "12", *_data_args(env)
+    )
+    assert "12 test images of cifar10_jpeg" in subset
 
 
 def _printed(label: str, out: str) -> float:

@@ -188,13 +188,17 @@ def _add_demo(commands) -> None:
     sub = commands.add_parser(
         "demo", help="train a small VGG11-BN on CIFAR-10 and run the data-free sweep (~10 min)"
     )
-    sub.add_argument("--workdir", default="runs/demo")
-    sub.add_argument("--width-multiplier", type=_positive_float)
-    sub.add_argument("--epochs", type=_positive_int)
-    sub.add_argument("--train-subset", type=_positive_int)
-    sub.add_argument("--test-subset", type=_positive_int)
-    sub.add_argument("--sparsities", type=_list_of(_sparsity))
-    sub.add_argument("--importances", type=_choices(ifjax.IMPORTANCES, "importance"))
+    sub.add_argument("--workdir", default="runs/demo", help="default runs/demo")
+    demo = jobs.DEMO
+    default = lambda name: f"default {demo[name]}"
+    sub.add_argument("--width-multiplier", type=_positive_float, help=default("width_multiplier"))
+    sub.add_argument("--epochs", type=_positive_int, help=default("epochs"))
+    sub.add_argument("--train-subset", type=_positive_int, help="default: all training images")
+    sub.add_argument("--test-subset", type=_positive_int, help="default: all test images")
+    sub.add_argument("--sparsities", type=_list_of(_sparsity), help=default("sparsities"))
+    sub.add_argument(
+        "--importances", type=_choices(ifjax.IMPORTANCES, "importance"), help=default("importances")
+    )
     sub.add_argument("--data-dir")
     sub.add_argument("--zip-path")
 

@@ -49,7 +49,7 @@ DEMO = dict(
     model="vgg11_bn",
     dataset="cifar10_jpeg",
     width_multiplier=0.125,
-    epochs=8,
+    epochs=6,
     batch_size=128,
     schedule="fast",
     train_subset=None,
@@ -97,19 +97,14 @@ def load_split(
     """Loads a split, optionally a random subset of ``subset`` examples (seeded).
 
     CIFAR splits of the offline zip are ordered class by class, so a subset is drawn at
-    random, never taken from the front.
+    random (:func:`train.data.random_subset`), never taken from the front.
     """
     loaded = data_lib.load_dataset(dataset, split, data_dir=data_dir, zip_path=zip_path)
     if subset is None or subset >= len(loaded):
         return loaded
-    if subset < 1:
-        raise ValueError(f"a subset needs at least one example, got {subset}")
     if not isinstance(loaded, data_lib.ArrayDataset):
         raise ValueError(f"subsets of {dataset} (not held in memory) are not supported")
-    indices = np.sort(np.random.default_rng(seed).permutation(len(loaded))[:subset])
-    return dataclasses.replace(
-        loaded, images=loaded.images[indices], labels=loaded.labels[indices], split=split
-    )
+    return data_lib.random_subset(loaded, subset, seed=seed)
 
 
 @dataclasses.dataclass(frozen=True)
