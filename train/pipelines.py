@@ -418,24 +418,29 @@ def _finish(ctx, pipeline, config, model, variables_list, workdir) -> PipelineRe
 # ----------------------------------------------------------------------------- public
 
 
-def _datasets(dataset, data_dir, train_examples, test_examples) -> tuple[Dataset, Dataset]:
+def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """A random subset (datasets may be stored class by class, so never a prefix)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    chosen = np.random.default_rng(seed).permutation(len(dataset))[:size]
+    return IndexedDataset(dataset, np.sort(chosen))
+
+
+def _datasets(dataset, common: dict) -> tuple[Dataset, Dataset]:
     if isinstance(dataset, str):
-        train = load_dataset(dataset, "train", data_dir=data_dir)
-        test = load_dataset(dataset, "test", data_dir=data_dir)
+        train = load_dataset(dataset, "train", data_dir=common["data_dir"])
+        test = load_dataset(dataset, "test", data_dir=common["data_dir"])
     else:
         train, test = dataset
-    if train_examples is not None:
-        train = IndexedDataset(train, np.arange(min(train_examples, len(train))))
-    if test_examples is not None:
-        test = IndexedDataset(test, np.arange(min(test_examples, len(test))))
-    return train, test
+    seed = common["seed"]
+    return _subset(train, common["train_examples"], seed), _subset(
+        test, common["test_examples"], seed
+    )
 
 
 def _start(model_name, dataset, width_multiplier, common: dict) -> tuple[nn.Module, _Context]:
     """Builds the model and the context from the arguments shared by all pipelines."""
-    train, test = _datasets(
-        dataset, common["data_dir"], common["train_examples"], common["test_examples"]
-    )
+    train, test = _datasets(dataset, common)
     if isinstance(model_name, nn.Module):
         if width_multiplier != 1.0:
             raise ValueError("width_multiplier applies to a model name, not a model instance")
@@ -506,7 +511,8 @@ def split_train(
       augment: CIFAR crop + flip.
       num_devices: devices for the replica axis (None: all).
       steps_per_epoch: cap on steps per epoch (quick runs).
-      train_examples, test_examples: use only the first that many examples.
+      train_examples, test_examples: use only a random subset of that many examples
+        (drawn from ``seed``), e.g. for quick runs.
       data_dir: dataset directory.
       workdir: where the report and ``replica_<r>`` checkpoints go (None: nowhere).
       seed: run seed (splits, initialisations, data order).
