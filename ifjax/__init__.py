@@ -1,11 +1,13 @@
 """ifjax: Intra-Fusion (structured pruning with optimal transport) for Flax models.
 
 Pure functions over Flax variable trees: discover the coupled channel groups of a model,
-fold BatchNorm, score channels, and prune groups with Default pruning or Intra-Fusion.
+fold BatchNorm, score channels, prune groups with Default pruning or Intra-Fusion, and
+fuse models trained apart (OTFusion).
 """
 
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._channels import channel_features
+from ifjax._fusion import FUSION_METHODS, align, average_variables, fuse
 from ifjax._graph import BatchNormRef, GraphError, Group, Reader, Writer, discover_groups
 from ifjax._importance import IMPORTANCES, accumulate_gradients, group_importance, lamp_transform
 from ifjax._merge import merge_group
@@ -24,6 +26,7 @@ from ifjax._validate import check_variables_finite, check_variables_match
 __version__ = "0.1.0"
 
 __all__ = [
+    "FUSION_METHODS",
     "IMPORTANCES",
     "BatchNormRef",
     "ExactSolver",
@@ -36,12 +39,15 @@ __all__ = [
     "TransportResult",
     "Writer",
     "accumulate_gradients",
+    "align",
+    "average_variables",
     "channel_features",
     "check_variables_finite",
     "check_variables_match",
     "default_pruning",
     "discover_groups",
     "fold_batchnorm",
+    "fuse",
     "group_importance",
     "intra_fusion",
     "keep_count",
