@@ -220,3 +220,29 @@ def test_demo_runs_in_under_15_minutes(tmp_path):
     assert len(rows) == 8 * len(jobs.DEMO["sparsities"]) * 2
     assert all(float(r["base_top1"]) == pytest.approx(base, abs=0.02) for r in rows)
     assert (tmp_path / "demo" / "datafree" / "datafree.png").exists()
+
+
+@pytest.mark.parametrize("command", ["fap", "paf"])
+def test_split_data_pipelines_through_the_command_line(command, env, monkeypatch):
+    monkeypatch.setenv("IFJAX_CIFAR10_ZIP", str(env["zip"]))
+    workdir = env["root"] / command
+    out = _run(
+        command, "--model", "vgg11_bn", "--width-multiplier", "0.0625",
+        "--dataset", "cifar10_jpeg", "--data-dir", str(env["data"]), "--k", "2",
+        "--epochs", "1", "--batch-size", "8", "--schedule", "fast", "--sparsity", "0.5",
+        "--prune-steps", "1", "--epochs-per-step", "1", "--finetune-epochs", "1",
+        "--workdir", str(workdir),
+    )  # fmt: skip
+    assert f"report: {workdir}/report.md" in out
+    with open(workdir / "report.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) >= 4
+    for row in rows:
+        if row.get("top1") not in (None, ""):
+            assert 0.0 <= float(row["top1"]) <= 100.0
+    assert "baseline" in (workdir / "report.md").read_text().lower()
+
+
+def test_split_train_argument_errors_are_one_line(capsys):
+    assert cli.main(["fap", "--workdir", "x", "--sparsity", "1.2"]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err

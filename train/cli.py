@@ -1,4 +1,5 @@
-"""The ``ifjax`` command line: train, eval, prune, finetune, datafree, demo.
+"""The ``ifjax`` command line: train, eval, prune, finetune, datafree, demo, split-train,
+fap and paf.
 
 Examples::
 
@@ -8,6 +9,7 @@ Examples::
     ifjax prune --checkpoint runs/vgg/model --groups all --sparsity 0.5 --out runs/vgg50
     ifjax finetune --checkpoint runs/vgg50 --epochs 80 --workdir runs/vgg50-ft
     ifjax datafree --checkpoint runs/vgg/model --out runs/vgg-datafree
+    ifjax paf --model vgg11_bn --k 2 --epochs 300 --sparsity 0.6 --workdir runs/paf
 
 Bad arguments (an unknown model, a sparsity outside [0, 1), an unknown group, a missing
 checkpoint, ...) end with one line ``ifjax: error: ...`` and exit status 2. JAX's
@@ -203,6 +205,43 @@ def _add_demo(commands) -> None:
     sub.add_argument("--zip-path")
 
 
+def _split_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--model", choices=MODELS, default="vgg11_bn")
+    sub.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    sub.add_argument("--data-dir", help="tfds data dir (default $IFJAX_DATA_DIR, ...)")
+    sub.add_argument("--width-multiplier", type=_positive_float, default=1.0)
+    sub.add_argument("--k", type=_positive_int, default=2, help="number of disjoint splits")
+    sub.add_argument("--kfold", action="store_true", help="train the C(k, k/2) k-fold sets")
+    sub.add_argument("--epochs", type=_positive_int, default=300, help="replica training epochs")
+    sub.add_argument("--batch-size", type=_positive_int, default=128)
+    sub.add_argument("--schedule", choices=SCHEDULES, default="base")
+    sub.add_argument("--num-devices", type=_positive_int, help="devices for the replica axis")
+    sub.add_argument("--steps-per-epoch", type=_positive_int, help="cap (quick runs)")
+    sub.add_argument("--train-subset", type=_positive_int, help="random subset of training images")
+    sub.add_argument("--test-subset", type=_positive_int, help="random subset of test images")
+    sub.add_argument("--workdir", required=True, help="report.{json,csv,md} and models")
+    sub.add_argument("--seed", type=int, default=0)
+
+
+def _add_split(commands) -> None:
+    sub = commands.add_parser("split-train", help="train k replicas on disjoint splits at once")
+    _split_options(sub)
+    for name, help_ in (
+        ("fap", "fuse -> fine-tune -> prune -> fine-tune"),
+        ("paf", "prune each -> fine-tune each -> fuse -> fine-tune"),
+    ):
+        sub = commands.add_parser(name, help=f"split-data pipeline: {help_}, vs whole data")
+        _split_options(sub)
+        sub.add_argument("--sparsity", type=_sparsity, default=0.6, help="final, all groups")
+        sub.add_argument("--prune-steps", type=_positive_int, default=4)
+        sub.add_argument("--epochs-per-step", type=_positive_int, default=10)
+        sub.add_argument("--finetune-epochs", type=_positive_int, default=80)
+        sub.add_argument("--importance", choices=ifjax.IMPORTANCES, default="l1")
+        sub.add_argument("--fusion-method", choices=ifjax.FUSION_METHODS, default="activation")
+        sub.add_argument("--fusion-solver", choices=("exact", "sinkhorn"), default="exact")
+        sub.add_argument("--no-baseline", action="store_true", help="skip the whole-data model")
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``ifjax`` argument parser."""
     main_parser = _Parser(prog="ifjax", description=__doc__.split("\n\n")[0])
@@ -213,7 +252,8 @@ def parser() -> argparse.ArgumentParser:
     )
     main_parser.add_argument("--traceback", action="store_true", help="show errors' tracebacks")
     commands = main_parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_eval, _add_prune, _add_finetune, _add_datafree, _add_demo):
+    adders = (_add_train, _add_eval, _add_prune, _add_finetune, _add_datafree, _add_demo)
+    for add in (*adders, _add_split):
         add(commands)
     return main_parser
 
@@ -326,7 +366,32 @@ def _run_demo(args: argparse.Namespace) -> None:
     print(f"demo finished in {result['seconds'] / 60:.1f} min")
 
 
+def _run_split(args: argparse.Namespace) -> None:
+    from train import pipelines
+
+    common = dict(
+        width_multiplier=args.width_multiplier, k=args.k, kfold=args.kfold, epochs=args.epochs,
+        batch_size=args.batch_size, optimizer_kind=args.schedule, num_devices=args.num_devices,
+        steps_per_epoch=args.steps_per_epoch, train_examples=args.train_subset,
+        test_examples=args.test_subset, data_dir=args.data_dir, workdir=args.workdir,
+        seed=args.seed,
+    )  # fmt: skip
+    if args.command != "split-train":
+        common |= dict(
+            sparsity=args.sparsity, prune_steps=args.prune_steps,
+            epochs_per_step=args.epochs_per_step, finetune_epochs=args.finetune_epochs,
+            importance=args.importance, fusion_method=args.fusion_method,
+            fusion_solver=args.fusion_solver, baseline=not args.no_baseline,
+        )  # fmt: skip
+    run = {"split-train": pipelines.split_train, "fap": pipelines.fap, "paf": pipelines.paf}
+    run[args.command](args.model, args.dataset, **common)
+    print(f"report: {args.workdir}/report.md")
+
+
 _COMMANDS = {
+    "split-train": _run_split,
+    "fap": _run_split,
+    "paf": _run_split,
     "train": _run_train,
     "eval": _run_eval,
     "prune": _run_prune,
