@@ -1,9 +1,397 @@
-"""Layers shared by the models."""
+"""Layers shared by the models: a ``Conv`` whose convolution is fast on XLA:CPU.
+
+XLA:CPU computes some convolutions far more slowly than the same arithmetic written as
+patches followed by one matrix product: a 3x3 convolution over a 2x2 map with 512
+channels (VGG11's last two layers on CIFAR) takes seconds instead of milliseconds, in the
+forward pass and in the input gradient. :class:`Conv` is ``flax.linen.Conv`` with the
+same parameters (``kernel`` HWIO, ``bias``), so checkpoints and the torch loader are
+unaffected; on the CPU backend it computes each convolution, and separately its input
+and kernel gradients, by whichever of two paths is faster for that shape:
+
+* ``"xla"``: ``lax.conv_general_dilated`` (and its transposes);
+* ``"matmul"``: shifted strided slices of the padded input concatenated into patches
+  (N, Ho, Wo, kh*kw*I) and multiplied by the kernel reshaped to (kh*kw*I, O); its input
+  gradient is the transpose (a matmul, then padded slices summed) and its kernel gradient
+  one matrix product of the patches with the output gradient.
+
+The choice, :func:`choose_paths`, depends on static shapes only and was measured on a
+2-core x86 CPU (``bench/README.md``). Other backends keep ``lax.conv_general_dilated``.
+
+The environment variable ``IFJAX_CONV`` (read whenever a convolution is traced) selects
+``"auto"`` (the default: the rule above on CPU, XLA elsewhere), ``"xla"`` (always
+``lax.conv_general_dilated``, plain ``nn.Conv``) or ``"matmul"`` (the matmul path for
+every supported convolution, on any backend). A function that was already traced keeps
+the choice it was traced with.
+
+The fast path is a ``jax.jit``-wrapped function named ``conv_general_dilated`` taking
+(NHWC input, HWIO kernel, ...), which ``ifjax.discover_groups`` analyses as a
+convolution whatever it computes inside.
+"""
 
 from __future__ import annotations
 
-import flax.linen as nn
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
-# A plain alias for now; the models build every convolution through it so a faster
-# implementation can be swapped in in one place.
-Conv = nn.Conv
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+__all__ = [
+    "CONV_IMPLEMENTATIONS",
+    "CONV_VARIABLE",
+    "Conv",
+    "ConvPaths",
+    "choose_paths",
+    "conv_general_dilated",
+    "conv_implementation",
+    "dispatch_conv_general_dilated",
+    "max_pool",
+]
+
+CONV_VARIABLE = "IFJAX_CONV"
+CONV_IMPLEMENTATIONS = ("auto", "xla", "matmul")
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+Padding = tuple[tuple[int, int], ...]
+
+
+class ConvPaths(NamedTuple):
+    """How a convolution and its two gradients are computed: ``"xla"`` or ``"matmul"``.
+
+    Attributes:
+      forward: the convolution itself.
+      input_grad: its gradient with respect to the input (a transposed convolution).
+      kernel_grad: its gradient with respect to the kernel.
+    """
+
+    forward: str
+    input_grad: str
+    kernel_grad: str
+
+
+ALL_XLA = ConvPaths("xla", "xla", "xla")
+ALL_MATMUL = ConvPaths("matmul", "matmul", "matmul")
+
+
+def conv_implementation() -> str:
+    """The value of ``IFJAX_CONV``: ``"auto"`` (default), ``"xla"`` or ``"matmul"``."""
+    value = os.environ.get(CONV_VARIABLE, "auto").strip().lower() or "auto"
+    if value not in CONV_IMPLEMENTATIONS:
+        raise ValueError(f"{CONV_VARIABLE}={value!r}; choose one of {CONV_IMPLEMENTATIONS}")
+    return value
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: tuple[int, int]) -> int:
+    return (size + padding[0] + padding[1] - kernel) // stride + 1
+
+
+def choose_paths(
+    input_shape: Sequence[int],
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    padding: Padding,
+) -> ConvPaths:
+    """The faster paths on XLA:CPU for a 2-D convolution of these static shapes.
+
+    Measured rules (batch 128, whole training steps of VGG11-BN and ResNet18, see
+    ``bench/README.md``):
+
+    * an output map smaller than the kernel (e.g. 3x3 on a 2x2 map, padding 1): XLA is
+      10x-200x slower in the forward pass and the input gradient, so all matmul;
+    * 1x1 kernels: a plain matrix product (of strided slices for stride 2) is faster in
+      every direction;
+    * otherwise the forward pass and the input gradient by XLA, and the kernel gradient
+      always as one matmul of the patches with the output gradient: XLA computes it as a
+      convolution of transposed activations, and inside a training step those transposes
+      fuse with the recomputed BatchNorm/ReLU and run slowly (~10% of a step).
+
+    Args:
+      input_shape: (N, H, W, I).
+      kernel_shape: (kh, kw, I, O).
+      strides: (sh, sw).
+      padding: ((top, bottom), (left, right)).
+
+    Returns:
+      The :class:`ConvPaths` to use.
+    """
+    kh, kw = kernel_shape[:2]
+    out_h = _output_size(input_shape[1], kh, strides[0], padding[0])
+    out_w = _output_size(input_shape[2], kw, strides[1], padding[1])
+    if (kh, kw) == (1, 1) or out_h < kh or out_w < kw:
+        return ALL_MATMUL
+    return ConvPaths("xla", "xla", "matmul")
+
+
+# ----------------------------------------------------------------------------- the paths
+
+
+def _xla_conv(x, kernel, strides, padding, precision):
+    return lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision
+    )
+
+
+def _patches(x: jax.Array, kernel_size: tuple[int, int], strides, padding) -> jax.Array:
+    """(N, H, W, I) -> (N, Ho, Wo, kh*kw*I), taps in the (kh, kw, I) order of HWIO."""
+    (kh, kw), (sh, sw) = kernel_size, strides
+    if any(p != (0, 0) for p in padding):
+        pads = ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0))
+        x = lax.pad(x, jnp.zeros((), x.dtype), pads)
+    n, h, w, c = x.shape
+    out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
+    taps = [
+        lax.slice(
+            x,
+            (0, i, j, 0),
+            (n, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, c),
+            (1, sh, sw, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+
+
+def _matmul_conv(x, kernel, strides, padding, precision):
+    patches = _patches(x, kernel.shape[:2], strides, padding)
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    return lax.dot_general(patches, matrix, (((3,), (0,)), ((), ())), precision=precision)
+
+
+_PATH_FUNCTIONS = {"xla": _xla_conv, "matmul": _matmul_conv}
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, kernel, strides, padding, paths: ConvPaths, precision):
+    return _PATH_FUNCTIONS[paths.forward](x, kernel, strides, padding, precision)
+
+
+def _conv_jvp(strides, padding, paths, precision, primals, tangents):
+    """The tangent is linear in (dx, dkernel); its transposes are the two gradients, each
+    computed by the path chosen for it. Zero tangents (e.g. the input images) cost
+    nothing."""
+    x, kernel = primals
+    x_dot, kernel_dot = tangents
+    y = _conv(x, kernel, strides, padding, paths, precision)
+    terms = []
+    if not isinstance(x_dot, SymbolicZero):
+        terms.append(_PATH_FUNCTIONS[paths.input_grad](x_dot, kernel, strides, padding, precision))
+    if not isinstance(kernel_dot, SymbolicZero):
+        terms.append(_PATH_FUNCTIONS[paths.kernel_grad](x, kernel_dot, strides, padding, precision))
+    y_dot = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
+    return y, y_dot
+
+
+_conv.defjvp(_conv_jvp, symbolic_zeros=True)
+
+
+@functools.partial(jax.jit, static_argnames=("strides", "padding", "paths", "precision"))
+def conv_general_dilated(
+    inputs: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int] = (1, 1),
+    padding: Padding = ((0, 0), (0, 0)),
+    paths: ConvPaths | None = None,
+    precision: Any = None,
+) -> jax.Array:
+    """A 2-D convolution (NHWC input, HWIO kernel) computed by the given paths.
+
+    Equal to ``lax.conv_general_dilated(inputs, kernel, strides, padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"))`` to float tolerance, gradients included.
+    Its name and its first two arguments make ``ifjax.discover_groups`` analyse it as a
+    convolution.
+
+    Args:
+      inputs: (N, H, W, I).
+      kernel: (kh, kw, I, O).
+      strides: (sh, sw), static.
+      padding: ((top, bottom), (left, right)), static.
+      paths: static :class:`ConvPaths`; ``None``: :func:`choose_paths`.
+      precision: ``lax.Precision`` for the products, static.
+
+    Returns:
+      (N, Ho, Wo, O).
+
+    Example:
+      >>> y = conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), ALL_MATMUL)
+    """
+    if paths is None:
+        paths = choose_paths(inputs.shape, kernel.shape, strides, padding)
+    return _conv(inputs, kernel, strides, padding, paths, precision)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _normalized(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, numbers):
+    """(strides, padding) of a plain NHWC/HWIO 2-D convolution, or None for anything else."""
+    if lhs.ndim != 4 or rhs.ndim != 4 or numbers is None:
+        return None
+    expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    if lax.conv_dimension_numbers(lhs.shape, rhs.shape, numbers) != expected:
+        return None
+    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        return None
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if any(p < 0 for pair in padding for p in pair) or lhs.shape[3] != rhs.shape[2]:
+        return None
+    sizes = zip(lhs.shape[1:3], rhs.shape[:2], strides, padding, strict=True)
+    if any(_output_size(*s) < 1 for s in sizes):
+        return None
+    return strides, padding
+
+
+def dispatch_conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """Drop-in for ``lax.conv_general_dilated`` that takes the faster path on CPU.
+
+    Plain 2-D NHWC/HWIO convolutions (no dilation, no groups) go to
+    :func:`conv_general_dilated` when ``IFJAX_CONV`` asks for it (see the module
+    docstring) and :func:`choose_paths` does not pick XLA for every direction; anything
+    else is ``lax.conv_general_dilated`` unchanged.
+    """
+    plain = functools.partial(
+        lax.conv_general_dilated,
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
+        precision,
+        preferred_element_type,
+    )
+    implementation = conv_implementation()
+    if implementation == "xla" or (implementation == "auto" and jax.default_backend() != "cpu"):
+        return plain()
+    if feature_group_count != 1 or batch_group_count != 1 or preferred_element_type is not None:
+        return plain()
+    normalized = _normalized(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers
+    )
+    if normalized is None:
+        return plain()
+    strides, pads = normalized
+    paths = (
+        ALL_MATMUL
+        if implementation == "matmul"
+        else choose_paths(lhs.shape, rhs.shape, *normalized)
+    )
+    if paths == ALL_XLA:
+        return plain()
+    return conv_general_dilated(lhs, rhs, strides, pads, paths, precision)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def _window_view(x: jax.Array, window: tuple[int, int], out: tuple[int, int]) -> jax.Array:
+    """(N, H, W, C) cropped to whole windows -> (N, Ho, wh, Wo, ww, C)."""
+    (wh, ww), (oh, ow) = window, out
+    x = x[:, : oh * wh, : ow * ww]
+    return x.reshape(x.shape[0], oh, wh, ow, ww, x.shape[-1])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+    dims = (1, *window, 1)
+    return lax.reduce_window(x, -jnp.inf, lax.max, dims, dims, "VALID")
+
+
+@_max_pool.defjvp
+def _max_pool_jvp(window, primals, tangents):
+    """The tangent of the first maximum of each window (row-major order), as
+    ``select_and_scatter`` routes the gradient; its transpose is one elementwise fusion."""
+    (x,), (x_dot,) = primals, tangents
+    y = _max_pool(x, window)
+    out = y.shape[1:3]
+    wh, ww = window
+    position = (jnp.arange(wh)[:, None] * ww + jnp.arange(ww)).reshape(1, 1, wh, 1, ww, 1)
+    is_max = _window_view(x, window, out) == y[:, :, None, :, None, :]
+    first = jnp.min(jnp.where(is_max, position, wh * ww), axis=(2, 4), keepdims=True)
+    taken = position == first
+    y_dot = jnp.sum(jnp.where(taken, _window_view(x_dot, window, out), 0), axis=(2, 4))
+    return y, y_dot.astype(y.dtype)
+
+
+def max_pool(
+    inputs: jax.Array,
+    window_shape: tuple[int, int],
+    strides: tuple[int, int] | None = None,
+    padding: str | Sequence[tuple[int, int]] = "VALID",
+) -> jax.Array:
+    """``nn.max_pool`` whose gradient is fast on XLA:CPU for non-overlapping windows.
+
+    XLA:CPU lowers the max-pool gradient (``select_and_scatter``) to an indexed
+    reduce-window, iotas and a scatter: ~25% of a VGG11-BN training step. For 2-D
+    windows equal to the strides without padding (e.g. 2x2, stride 2) on CPU (see
+    ``IFJAX_CONV`` in the module docstring), the forward pass is the same
+    ``reduce_window`` and the gradient goes to the first maximum of each window, as
+    ``select_and_scatter`` does, computed elementwise. Anything else is ``nn.max_pool``.
+
+    Args:
+      inputs: (N, H, W, C).
+      window_shape: (wh, ww).
+      strides: (sh, sw); ``None``: (1, 1), as ``nn.max_pool``.
+      padding: as ``nn.max_pool``.
+
+    Returns:
+      (N, Ho, Wo, C).
+
+    Example:
+      >>> y = max_pool(x, (2, 2), strides=(2, 2))
+    """
+    window = tuple(int(w) for w in window_shape)
+    implementation = conv_implementation()
+    fast = implementation == "matmul" or (
+        implementation == "auto" and jax.default_backend() == "cpu"
+    )
+    unpadded = padding == "VALID" or (
+        not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding)
+    )
+    tiles = (
+        inputs.ndim == 4
+        and len(window) == 2
+        and strides is not None
+        and tuple(strides) == window
+        and window[0] <= inputs.shape[1]
+        and window[1] <= inputs.shape[2]
+    )
+    if fast and unpadded and tiles:
+        return _max_pool(inputs, window)
+    return nn.max_pool(inputs, window_shape, strides=strides, padding=padding)
+
+
+class Conv(nn.Conv):
+    """``flax.linen.Conv`` computed by :func:`dispatch_conv_general_dilated`.
+
+    Same attributes, parameters (``kernel`` (kh, kw, I, O), ``bias`` (O,)) and results
+    as ``nn.Conv`` (to float tolerance); faster on XLA:CPU.
+
+    Example:
+      >>> y = Conv(64, (3, 3), padding=1, name="conv0")(x)
+    """
+
+    conv_general_dilated: Any = dispatch_conv_general_dilated

@@ -1,0 +1,225 @@
+"""models.layers: the CPU-fast Conv equals lax.conv_general_dilated, forward and gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import ifjax
+from models import VGG, layers, resnet18
+from models.layers import ALL_MATMUL, Conv, ConvPaths, choose_paths, max_pool
+from tests.tree_asserts import assert_trees_equal
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+TOLERANCE = {"rtol": 2e-5, "atol": 2e-5}
+MIXED = (
+    ALL_MATMUL,
+    ConvPaths("xla", "matmul", "xla"),
+    ConvPaths("matmul", "xla", "matmul"),
+    ConvPaths("xla", "xla", "matmul"),
+)
+# (input N, H, W, I), (kh, kw, O), strides, padding
+CASES = [
+    ((2, 2, 2, 16), (3, 3, 8), (1, 1), ((1, 1), (1, 1))),
+    ((2, 5, 7, 3), (3, 3, 4), (1, 1), ((1, 1), (1, 1))),
+    ((2, 5, 7, 3), (3, 3, 4), (1, 1), ((0, 0), (0, 0))),
+    ((2, 7, 6, 5), (3, 3, 6), (2, 2), ((1, 1), (1, 1))),
+    ((2, 7, 7, 5), (3, 3, 6), (2, 2), ((0, 0), (0, 0))),
+    ((2, 6, 6, 5), (3, 3, 6), (2, 2), ((0, 1), (0, 1))),  # "SAME" at stride 2
+    ((2, 7, 5, 4), (1, 1, 6), (2, 2), ((0, 0), (0, 0))),
+    ((2, 4, 4, 4), (1, 1, 6), (1, 1), ((0, 0), (0, 0))),
+    ((2, 4, 3, 4), (5, 3, 3), (1, 2), ((2, 2), (1, 1))),
+    ((1, 1, 1, 8), (3, 3, 4), (1, 1), ((1, 1), (1, 1))),
+]
+
+
+def _arrays(input_shape, kernel_spec, seed=0):
+    kh, kw, out = kernel_spec
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=input_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(kh, kw, input_shape[-1], out)), jnp.float32)
+    return x, kernel
+
+
+def _reference(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
+
+
+@pytest.mark.parametrize("paths", MIXED, ids=str)
+@pytest.mark.parametrize("input_shape,kernel_spec,strides,padding", CASES)
+def test_forward_and_gradients_equal_lax(input_shape, kernel_spec, strides, padding, paths):
+    x, kernel = _arrays(input_shape, kernel_spec)
+    fast = lambda x, k: layers.conv_general_dilated(x, k, strides, padding, paths)
+    reference = lambda x, k: _reference(x, k, strides, padding)
+    y = fast(x, kernel)
+    np.testing.assert_allclose(y, reference(x, kernel), **TOLERANCE)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+    loss = lambda f: jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k) * cotangent), (0, 1)))
+    for got, want in zip(loss(fast)(x, kernel), loss(reference)(x, kernel), strict=True):
+        np.testing.assert_allclose(got, want, **TOLERANCE)
+
+
+def test_forward_mode_and_vmap_equal_lax():
+    x, kernel = _arrays((2, 2, 3, 4), (3, 3, 5))
+    padding = ((1, 1), (1, 1))
+    fast = lambda x, k: layers.conv_general_dilated(x, k, (1, 1), padding, ALL_MATMUL)
+    reference = lambda x, k: _reference(x, k, (1, 1), padding)
+    tangents = (jnp.ones_like(x), 0.5 * kernel)
+    got = jax.jvp(fast, (x, kernel), tangents)
+    want = jax.jvp(reference, (x, kernel), tangents)
+    assert_trees_equal(got, want, **TOLERANCE)
+    stacked = jnp.stack([x, 2 * x])
+    np.testing.assert_allclose(
+        jax.vmap(fast, (0, None))(stacked, kernel),
+        jax.vmap(reference, (0, None))(stacked, kernel),
+        **TOLERANCE,
+    )
+
+
+def test_choose_paths_follows_the_measured_rules():
+    same = ((1, 1), (1, 1))
+    assert choose_paths((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), same) == ALL_MATMUL
+    assert choose_paths((128, 8, 8, 256), (1, 1, 256, 512), (2, 2), ((0, 0), (0, 0))) == (
+        ALL_MATMUL
+    )
+    assert choose_paths((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), same) == (
+        ConvPaths("xla", "xla", "matmul")
+    )
+
+
+@pytest.mark.parametrize("implementation", ["auto", "matmul"])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize(
+    "features,kernel_size,strides,padding",
+    [(8, (3, 3), 1, 1), (8, (3, 3), 2, 1), (6, (1, 1), 2, 0), (5, (3, 3), 2, "SAME")],
+)
+def test_conv_module_equals_nn_conv(
+    monkeypatch, implementation, use_bias, features, kernel_size, strides, padding
+):
+    monkeypatch.setenv("IFJAX_CONV", implementation)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)), jnp.float32)
+    options = dict(strides=strides, padding=padding, use_bias=use_bias)
+    fast, plain = Conv(features, kernel_size, **options), nn.Conv(features, kernel_size, **options)
+    variables = fast.init(jax.random.key(0), x)
+    assert_trees_equal(variables, plain.init(jax.random.key(0), x))
+
+    def loss(module):
+        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+    for f in (lambda m: m.apply, lambda m: jax.grad(loss(m), (0, 1))):
+        assert_trees_equal(jax.jit(f(fast))(variables, x), f(plain)(variables, x), **TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "implementation,expected",
+    [("xla", "conv_general_dilated_primitive"), ("matmul", "named"), ("auto", "named")],
+)
+def test_implementation_variable_selects_the_path(monkeypatch, implementation, expected):
+    monkeypatch.setenv("IFJAX_CONV", implementation)
+    x = jnp.zeros((2, 2, 2, 4))
+    module = Conv(4, (3, 3), padding=1, use_bias=False)
+    variables = module.init(jax.random.key(0), x)
+    eqns = jax.make_jaxpr(module.apply)(variables, x).jaxpr.eqns
+    (eqn,) = eqns
+    if expected == "named":
+        assert eqn.primitive.name in ("jit", "pjit")
+        assert eqn.params["name"] == "conv_general_dilated"
+    else:
+        assert eqn.primitive.name == "conv_general_dilated"
+
+
+def test_unknown_implementation_is_an_error(monkeypatch):
+    monkeypatch.setenv("IFJAX_CONV", "fast")
+    with pytest.raises(ValueError, match="IFJAX_CONV"):
+        Conv(4, (3, 3)).init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(kernel_dilation=2), dict(input_dilation=2, padding=1), dict(feature_group_count=2)],
+    ids=["kernel_dilation", "input_dilation", "groups"],
+)
+def test_unsupported_convolutions_fall_back_to_lax(monkeypatch, options):
+    monkeypatch.setenv("IFJAX_CONV", "matmul")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 4)), jnp.float32)
+    fast, plain = Conv(4, (3, 3), **options), nn.Conv(4, (3, 3), **options)
+    variables = fast.init(jax.random.key(0), x)
+    (eqn,) = [e for e in jax.make_jaxpr(fast.apply)(variables, x).jaxpr.eqns if "conv" in str(e)]
+    assert eqn.primitive.name == "conv_general_dilated"
+    np.testing.assert_allclose(fast.apply(variables, x), plain.apply(variables, x), **TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "model,size",
+    [(VGG(cfg=(8, "M", 16, "M", 16, "M", 16)), 16), (resnet18(widths=(4, 8, 8, 8)), 32)],
+    ids=["vgg", "resnet18"],
+)
+def test_groups_are_the_same_whichever_path(monkeypatch, model, size):
+    x = jnp.zeros((1, size, size, 3))
+    variables = model.init(jax.random.key(0), x)
+    found = {}
+    for implementation in ("xla", "matmul"):
+        monkeypatch.setenv("IFJAX_CONV", implementation)
+        found[implementation] = ifjax.discover_groups(model, variables, x)
+    assert found["matmul"] == found["xla"]
+    assert len(found["xla"]) > 1
+
+
+def test_repeated_calls_do_not_recompile(monkeypatch):
+    monkeypatch.setenv("IFJAX_CONV", "auto")
+    model = VGG(cfg=(8, "M", 16, "M", 16, "M", 16))
+    x = jnp.zeros((2, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x)
+    apply = jax.jit(model.apply)
+    for _ in range(3):
+        apply(variables, x + 1.0)
+    assert apply._cache_size() == 1
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 5, 4), (1, 2, 2, 2)])
+def test_max_pool_equals_nn_max_pool_with_ties(monkeypatch, shape):
+    monkeypatch.setenv("IFJAX_CONV", "auto")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, 3, shape), jnp.float32)  # many ties in every window
+    fast = lambda x: max_pool(x, (2, 2), strides=(2, 2))
+    plain = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(jax.jit(fast)(x), plain(x))
+    cotangent = jnp.asarray(rng.normal(size=plain(x).shape), jnp.float32)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cotangent))(x)
+    np.testing.assert_array_equal(jax.jit(lambda x: grad(fast))(x), grad(plain))
+    tangent = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    assert_trees_equal(jax.jvp(fast, (x,), (tangent,)), jax.jvp(plain, (x,), (tangent,)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(strides=(1, 1)), dict(strides=(2, 2), padding="SAME"), dict(strides=None)],
+    ids=["overlapping", "padded", "no_strides"],
+)
+def test_max_pool_falls_back_to_nn_max_pool(monkeypatch, options):
+    monkeypatch.setenv("IFJAX_CONV", "auto")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda x: max_pool(x, (2, 2), **options))(x)
+    assert "custom_jvp_call" not in str(jaxpr)
+    np.testing.assert_array_equal(max_pool(x, (2, 2), **options), nn.max_pool(x, (2, 2), **options))
+
+
+def test_max_pool_keeps_groups_discoverable(monkeypatch):
+    monkeypatch.setenv("IFJAX_CONV", "auto")
+
+    class Net(nn.Module):
+        pool: object
+
+        @nn.compact
+        def __call__(self, x):
+            x = self.pool(nn.relu(Conv(4, (3, 3), name="conv0")(x)), (2, 2), strides=(2, 2))
+            x = self.pool(Conv(6, (3, 3), name="conv1")(x), (2, 2), strides=(2, 2))
+            return nn.Dense(2, name="head")(x.reshape((x.shape[0], -1)))
+
+    x = jnp.zeros((1, 8, 8, 3))
+    variables = Net(nn.max_pool).init(jax.random.key(0), x)
+    groups = [ifjax.discover_groups(Net(p), variables, x) for p in (max_pool, nn.max_pool)]
+    assert groups[0] == groups[1]
+    assert [g.size for g in groups[0]] == [6, 4]
