@@ -16,12 +16,13 @@ and kernel gradients, by whichever of two paths is faster for that shape:
 
 The choice, :func:`choose_paths`, depends on static shapes only and was measured on a
 2-core x86 CPU (``bench/README.md``). Other backends keep ``lax.conv_general_dilated``.
+:func:`max_pool` is likewise ``nn.max_pool`` with a faster gradient on CPU.
 
 The environment variable ``IFJAX_CONV`` (read whenever a convolution is traced) selects
 ``"auto"`` (the default: the rule above on CPU, XLA elsewhere), ``"xla"`` (always
-``lax.conv_general_dilated``, plain ``nn.Conv``) or ``"matmul"`` (the matmul path for
-every supported convolution, on any backend). A function that was already traced keeps
-the choice it was traced with.
+``lax.conv_general_dilated``, plain ``nn.Conv``, and plain ``nn.max_pool``) or
+``"matmul"`` (the matmul path for every supported convolution, on any backend). A
+function that was already traced keeps the choice it was traced with.
 
 The fast path is a ``jax.jit``-wrapped function named ``conv_general_dilated`` taking
 (NHWC input, HWIO kernel, ...), which ``ifjax.discover_groups`` analyses as a
@@ -42,6 +43,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 __all__ = [
+    "ALL_MATMUL",
+    "ALL_XLA",
     "CONV_IMPLEMENTATIONS",
     "CONV_VARIABLE",
     "Conv",
@@ -105,10 +108,12 @@ def choose_paths(
       10x-200x slower in the forward pass and the input gradient, so all matmul;
     * 1x1 kernels: a plain matrix product (of strided slices for stride 2) is faster in
       every direction;
-    * otherwise the forward pass and the input gradient by XLA, and the kernel gradient
-      always as one matmul of the patches with the output gradient: XLA computes it as a
-      convolution of transposed activations, and inside a training step those transposes
-      fuse with the recomputed BatchNorm/ReLU and run slowly (~10% of a step).
+    * few input channels (<= 16, the RGB stem): the kernel gradient as one matmul of the
+      (small) patches with the output gradient, ~3x faster than XLA's;
+    * otherwise XLA in every direction. A matmul kernel gradient elsewhere was as fast
+      as XLA's at best (isolated layers: up to 2x slower; whole ResNet18/VGG11 steps:
+      within the +-5% noise of the shared machine), since the 9x larger patches cost
+      as much memory traffic as XLA's transposed activations.
 
     Args:
       input_shape: (N, H, W, I).
@@ -124,7 +129,9 @@ def choose_paths(
     out_w = _output_size(input_shape[2], kw, strides[1], padding[1])
     if (kh, kw) == (1, 1) or out_h < kh or out_w < kw:
         return ALL_MATMUL
-    return ConvPaths("xla", "xla", "matmul")
+    if input_shape[3] <= 16:
+        return ConvPaths("xla", "xla", "matmul")
+    return ALL_XLA
 
 
 # ----------------------------------------------------------------------------- the paths

@@ -9,7 +9,7 @@ from jax import lax
 
 import ifjax
 from models import VGG, layers, resnet18
-from models.layers import ALL_MATMUL, Conv, ConvPaths, choose_paths, max_pool
+from models.layers import ALL_MATMUL, ALL_XLA, Conv, ConvPaths, choose_paths, max_pool
 from tests.tree_asserts import assert_trees_equal
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -84,9 +84,11 @@ def test_choose_paths_follows_the_measured_rules():
     assert choose_paths((128, 8, 8, 256), (1, 1, 256, 512), (2, 2), ((0, 0), (0, 0))) == (
         ALL_MATMUL
     )
-    assert choose_paths((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), same) == (
+    assert choose_paths((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), same) == ALL_XLA
+    assert choose_paths((128, 32, 32, 3), (3, 3, 3, 64), (1, 1), same) == (
         ConvPaths("xla", "xla", "matmul")
     )
+    assert choose_paths((128, 8, 8, 256), (3, 3, 256, 256), (1, 1), same) == ALL_XLA
 
 
 @pytest.mark.parametrize("implementation", ["auto", "matmul"])
