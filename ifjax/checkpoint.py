@@ -10,7 +10,9 @@ A checkpoint is a directory::
 The manifest lists every array by its ``/``-joined path with shape, dtype and SHA-256 of
 its bytes, so a restore checks that Orbax gave back exactly what was saved. Saving writes
 into a hidden temporary directory next to the target and renames it into place, so a
-crash never leaves a directory that looks like a valid checkpoint.
+crash never leaves a directory that looks like a valid checkpoint. Saving and restoring
+are local to the calling process, also under ``jax.distributed`` (where Orbax would
+otherwise expect every process to take part): the caller picks the process that writes.
 """
 
 from __future__ import annotations
@@ -113,6 +115,19 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
         os.fsync(file.fileno())
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    """An Orbax checkpointer of the calling process alone.
+
+    Orbax's saves and restores are collective over all JAX processes by default; these
+    checkpoints hold host-local numpy trees, so with several processes
+    (``jax.distributed``) each call reads or writes on its own and the caller decides
+    which process writes (and synchronises the others).
+    """
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=options)
+
+
 def _move_into_place(staging: Path, directory: Path, overwrite: bool) -> None:
     """Renames ``staging`` to ``directory``; an old checkpoint there is replaced."""
     if not directory.exists():
@@ -175,7 +190,7 @@ def save_pytree(
     try:
         arrays = _without_empty(tree)
         if arrays:  # Orbax refuses an empty tree; the manifest alone describes it.
-            with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+            with _checkpointer() as checkpointer:
                 checkpointer.save(staging / _ARRAYS_DIR, args=ocp.args.StandardSave(arrays))
         _write_json(staging / METADATA_FILE, info)
         _move_into_place(staging, directory, overwrite)
@@ -259,7 +274,7 @@ def _read_arrays(arrays_dir: Path) -> dict[str, np.ndarray]:
     if not arrays_dir.is_dir():
         raise ValueError(f"corrupt checkpoint: array directory {arrays_dir} is missing")
     try:
-        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+        with _checkpointer() as checkpointer:
             restored = checkpointer.restore(arrays_dir, args=ocp.args.StandardRestore())
         return {path: np.asarray(x) for path, x in _leaves(restored).items()}
     except Exception as error:  # Orbax and TensorStore raise many types on bad files.

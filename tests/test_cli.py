@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import pytest
 
 from ifjax.checkpoint import save_model
 from models.registry import create_model, init_variables, model_spec
-from train import cli, jobs
+from train import cli, jobs, pipelines
 
 OFF = ["--compilation-cache", "off"]
 
@@ -130,3 +131,58 @@ def test_compilation_cache_location(monkeypatch, tmp_path):
 def test_demo_settings_are_checked():
     with pytest.raises(ValueError, match=r"unknown demo settings \['colour'\]"):
         jobs.demo("unused", colour="red")
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Records (in order) jax.distributed.initialize and pipeline calls, running neither."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(("init", kw)))
+    for name in ("split_train", "fap", "paf"):
+        fake = lambda model, dataset, name=name, **kw: calls.append((name, kw))
+        monkeypatch.setattr(pipelines, name, fake)
+    return calls
+
+
+@pytest.mark.parametrize("command", ["split-train", "fap", "paf"])
+def test_split_pipelines_take_overwrite_and_distributed_flags(calls, capsys, command):
+    hosts = ["--coordinator-address", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1"]
+    argv = [command, "--workdir", "w", "--overwrite", "--distributed", *hosts]
+    assert cli.main(OFF + argv) == 0
+    assert "report: w/report.md" in capsys.readouterr().out
+    init = dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
+    assert calls[0] == ("init", init)  # before the pipeline touches a device
+    assert calls[1][0] == command.replace("-", "_") and calls[1][1]["overwrite"] is True
+    calls.clear()
+    assert cli.main(OFF + [command, "--workdir", "w"]) == 0
+    assert [name for name, _ in calls] == [command.replace("-", "_")]
+    assert calls[0][1]["overwrite"] is False and calls[0][1]["workdir"] == "w"
+
+
+def test_distributed_without_flags_leaves_them_to_jax(calls):
+    assert cli.main(OFF + ["fap", "--workdir", "w", "--distributed"]) == 0
+    assert calls[0] == ("init", {})
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--num-processes", "2"], "--num-processes given without --distributed"),
+        (["--distributed", "--num-processes", "2", "--process-id", "2"], "below --num-processes"),
+        (["--distributed", "--process-id", "-1"], "non-negative integer"),
+        (["--distributed", "--num-processes", "0"], "positive integer"),
+    ],
+)
+def test_bad_distributed_flags_are_named(calls, capsys, flags, expected):
+    assert expected in _error(capsys, ["paf", "--workdir", "w", *flags])
+    assert calls == []
+
+
+def test_failed_distributed_start_is_one_clear_line(capsys, monkeypatch):
+    def initialize(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    line = _error(capsys, ["fap", "--workdir", "w", "--distributed", "--num-processes", "2"])
+    assert "jax.distributed.initialize(num_processes=2) failed" in line
+    assert "coordinator_address should be defined" in line and "--coordinator-address" in line

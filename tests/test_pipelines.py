@@ -1,8 +1,17 @@
-"""Split training, FaP and PaF end to end on a tiny model and tiny synthetic data."""
+"""Split training, FaP and PaF end to end on a tiny model and tiny synthetic data, and
+resuming them."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -10,11 +19,21 @@ import pytest
 
 import ifjax
 import train.pipelines
-from ifjax.checkpoint import restore_model
+import train.split
+from ifjax.checkpoint import restore_model, restore_pytree
 from models import VGG
 from tests.tree_asserts import assert_trees_equal
 from train.data import ArrayDataset
-from train.pipelines import REPORT_COLUMNS, fap, paf, prune_schedule, prune_to_widths, split_train
+from train.pipelines import (
+    REPORT_COLUMNS,
+    FapOptions,
+    PipelineOptions,
+    fap,
+    paf,
+    prune_schedule,
+    prune_to_widths,
+    split_train,
+)
 
 MODEL = VGG(cfg=(8, "M", 16, "M"), num_classes=3)
 PROTOTYPES = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3))
@@ -26,6 +45,29 @@ SCHEDULE = dict(
     augment=False,  # pad-4 crops would hide most of an 8x8 image
     fair_timing=False,  # keep compiled programs between stages and tests
     log=None,
+)
+PAF = dict(
+    k=2,
+    epochs=2,
+    sparsity=0.5,
+    prune_steps=1,
+    epochs_per_step=1,
+    finetune_epochs=1,
+    baseline_finetune_epochs=1,
+    seed=0,
+    **SCHEDULE,
+)
+FAP = dict(
+    k=2,
+    epochs=2,
+    sparsity=0.5,
+    prune_steps=2,
+    epochs_per_step=1,
+    finetune_epochs=1,
+    fusion_finetune_epochs=0,
+    baseline=False,
+    fusion_method="weight",
+    **SCHEDULE,
 )
 
 
@@ -65,6 +107,20 @@ def data():
     return _dataset(128, 1), _dataset(48, 2)
 
 
+@pytest.fixture(scope="module")
+def paf_run(data, tmp_path_factory):
+    """An uninterrupted PaF (with the baseline): ``(workdir, result)``."""
+    workdir = tmp_path_factory.mktemp("paf")
+    return workdir, paf(MODEL, data, workdir=workdir, **PAF)
+
+
+@pytest.fixture(scope="module")
+def fap_run(data, tmp_path_factory):
+    """An uninterrupted FaP: ``(workdir, result)``."""
+    workdir = tmp_path_factory.mktemp("fap")
+    return workdir, fap(MODEL, data, workdir=workdir, **FAP)
+
+
 def test_prune_schedule_reaches_the_keep_count():
     assert prune_schedule({0: 64, 1: 10}, 0.5, 4) == [
         {0: 56, 1: 8},
@@ -96,21 +152,8 @@ def _check_report(workdir, result, pipeline, stages):
     return report
 
 
-def test_paf_end_to_end_with_baseline(data, tmp_path):
-    result = paf(
-        MODEL,
-        data,
-        k=2,
-        epochs=2,
-        sparsity=0.5,
-        prune_steps=1,
-        epochs_per_step=1,
-        finetune_epochs=1,
-        baseline_finetune_epochs=1,
-        workdir=tmp_path,
-        seed=0,
-        **SCHEDULE,
-    )
+def test_paf_end_to_end_with_baseline(paf_run):
+    tmp_path, result = paf_run
     stages = [("paf", s) for s in ("split_train", "prune_step_1", "fuse", "finetune")]
     stages += [("baseline", s) for s in ("train", "prune_step_1", "finetune")]
     report = _check_report(tmp_path, result, "paf", stages)
@@ -145,22 +188,8 @@ def test_prune_to_widths_keeps_exactly_the_targets():
     assert_trees_equal(halved, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_fap_end_to_end(data, tmp_path):
-    result = fap(
-        MODEL,
-        data,
-        k=2,
-        epochs=2,
-        sparsity=0.5,
-        prune_steps=2,
-        epochs_per_step=1,
-        finetune_epochs=1,
-        fusion_finetune_epochs=0,
-        baseline=False,
-        workdir=tmp_path,
-        fusion_method="weight",
-        **SCHEDULE,
-    )
+def test_fap_end_to_end(fap_run):
+    tmp_path, result = fap_run
     stages = ["split_train", "fuse", "fusion_finetune", "prune_step_1", "prune_step_2", "finetune"]
     report = _check_report(tmp_path, result, "fap", [("fap", s) for s in stages])
     params = [r["params"] for r in report["rows"]]
@@ -189,3 +218,211 @@ def test_split_train_kfold_halves(data, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("replica_*")) == ["replica_0", "replica_1"]
     kernels = [v["params"]["conv0"]["kernel"] for v in result.variables]
     assert not np.allclose(kernels[0], kernels[1])
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def _counted(monkeypatch, module, name, fail_on_call=None):
+    """Replaces ``module.name`` by a wrapper counting its calls (``calls[0]``) that raises
+    a RuntimeError on call number ``fail_on_call``, as an interruption would."""
+    original, calls = getattr(module, name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == fail_on_call:
+            raise RuntimeError(f"interrupted in call {calls[0]} of {name}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def _assert_same_run(resumed, uninterrupted):
+    """Same stages, accuracies and parameter counts, and the same final variables."""
+    same = lambda result: [
+        (r["pipeline"], r["stage"], r["top1_each"], r["params"]) for r in result.report["rows"]
+    ]
+    assert same(resumed) == same(uninterrupted)
+    assert resumed.report["summary"]["top1"] == uninterrupted.report["summary"]["top1"]
+    assert resumed.model == uninterrupted.model
+    assert_trees_equal(resumed.variables, uninterrupted.variables)
+
+
+def test_fap_resumes_after_the_finished_stages(data, fap_run, tmp_path, monkeypatch):
+    # fused model, prune_steps=2: the second prune_to_widths call is in prune_step_2
+    with monkeypatch.context() as patch:
+        _counted(patch, train.pipelines, "prune_to_widths", fail_on_call=2)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            fap(MODEL, data, workdir=tmp_path, **FAP)
+    stages = tmp_path / "stages" / "fap"
+    done = ["00_split_train", "01_fuse", "02_fusion_finetune", "03_prune_step_1"]
+    assert sorted(p.parent.name for p in stages.glob("*/output")) == done
+    recorded = [restore_pytree(stages / name / "output")[1]["row"] for name in done]
+
+    trained = _counted(monkeypatch, train.pipelines, "train_replicas")
+    fused = _counted(monkeypatch, train.pipelines, "fuse")
+    pruned = _counted(monkeypatch, train.pipelines, "prune_to_widths")
+    resumed = fap(MODEL, data, workdir=tmp_path, **FAP)
+    # only prune_step_2 and finetune ran: one pruning, two trainings, no fusion
+    assert (trained[0], fused[0], pruned[0]) == (2, 0, 1)
+    assert resumed.report["rows"][:4] == recorded  # rows (seconds too) as recorded
+    _assert_same_run(resumed, fap_run[1])
+    assert not list(stages.glob("*/training"))  # training checkpoints of finished stages go
+
+
+def test_paf_resumes_inside_an_interrupted_training(data, paf_run, tmp_path, monkeypatch):
+    # epochs of train.split._train_epoch: paf split 1-2, prune 3, finetune 4;
+    # baseline train 5-6, prune 7, finetune 8. Interrupt the baseline's 2nd epoch.
+    with monkeypatch.context() as patch:
+        _counted(patch, train.split, "_train_epoch", fail_on_call=6)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            paf(MODEL, data, workdir=tmp_path, **PAF)
+    training = tmp_path / "stages" / "baseline" / "00_train" / "training"
+    assert [p.name for p in training.iterdir()] == ["epoch_00001"]
+
+    epochs = _counted(monkeypatch, train.split, "_train_epoch")
+    trained = _counted(monkeypatch, train.pipelines, "train_replicas")
+    fused = _counted(monkeypatch, train.pipelines, "fuse")
+    lines = []
+    resumed = paf(MODEL, data, workdir=tmp_path, **dict(PAF, log=lines.append))
+    # every PaF stage loaded; the baseline's training went on from its first epoch
+    assert (epochs[0], trained[0], fused[0]) == (3, 3, 0)
+    assert any("resumed after epoch 1" in line for line in lines)
+    _assert_same_run(resumed, paf_run[1])
+    assert not training.exists()
+
+
+def test_other_settings_in_a_workdir_are_refused(data, fap_run, tmp_path):
+    workdir = tmp_path / "fap"
+    shutil.copytree(fap_run[0], workdir)
+    config = (workdir / "stages" / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"differing keys: epochs, sparsity;.*overwrite"):
+        fap(MODEL, data, workdir=workdir, **dict(FAP, epochs=3, sparsity=0.25))
+    settings = {k: v for k, v in FAP.items() if k != "fusion_finetune_epochs"}
+    with pytest.raises(ValueError, match=r"holds a fap run .*differing keys: .*pipeline"):
+        paf(MODEL, data, workdir=workdir, **settings)
+    assert (workdir / "stages" / "config.json").read_text() == config
+    # the device layout is not a setting of the result: every stage is loaded
+    again = fap(MODEL, data, workdir=workdir, **dict(FAP, num_devices=1))
+    assert again.report["rows"] == fap_run[1].report["rows"]
+
+
+def test_overwrite_starts_over(data, tmp_path, monkeypatch):
+    settings = dict(k=2, batch_size=16, optimizer_kind="fast", augment=False, fair_timing=False)
+    settings |= dict(log=None, workdir=tmp_path)
+    trained = _counted(monkeypatch, train.pipelines, "train_replicas")
+    first = split_train(MODEL, data, epochs=1, **settings)
+    again = split_train(MODEL, data, epochs=1, **settings)  # finished: loaded, not trained
+    assert trained[0] == 1 and again.report["rows"] == first.report["rows"]
+    with pytest.raises(ValueError, match="differing keys: epochs;"):
+        split_train(MODEL, data, epochs=2, **settings)
+    second = split_train(MODEL, data, epochs=2, overwrite=True, **settings)
+    assert trained[0] == 2 and second.report["config"]["epochs"] == 2
+    output = tmp_path / "stages" / "split_train" / "00_split_train" / "output"
+    assert restore_pytree(output)[1]["row"] == second.report["rows"][0]
+    config = json.loads((tmp_path / "stages" / "config.json").read_text())
+    assert config["epochs"] == 2 and config["pipeline"] == "split_train"
+    split_train(MODEL, data, epochs=2, **settings)
+    assert trained[0] == 2
+
+
+def test_options_are_shared_and_keyword_only():
+    fap_options = inspect.signature(fap).parameters
+    paf_options = inspect.signature(paf).parameters
+    assert list(fap_options)[:2] == ["model_name", "dataset"]
+    assert set(fap_options) - set(paf_options) == {"fusion_finetune_epochs"}
+    assert set(inspect.signature(split_train).parameters) < set(paf_options)
+    assert fap_options["sparsity"].default == 0.6
+    assert fap_options["sparsity"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError, match=r"paf\(\) got unexpected keyword arguments \['fusion_"):
+        paf(MODEL, ("unused", "unused"), fusion_finetune_epochs=1)
+    with pytest.raises(ValueError, match="prune_steps"):
+        PipelineOptions(prune_steps=0)
+    resolved = FapOptions(epochs_per_step=3, finetune_epochs=5).resolved()
+    assert (resolved.fusion_finetune_epochs, resolved.baseline_finetune_epochs) == (3, 10)
+
+
+_TWO_PROCESSES = textwrap.dedent(
+    """
+    import json, os, sys
+    import jax
+    port, process, workdir, fail_on_epoch = sys.argv[1:]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(process))
+    import train.split
+    from tests.test_pipelines import FAP, MODEL, _dataset
+    from train.pipelines import fap
+
+    original, calls = train.split._train_epoch, []
+    def interruptible(*args):
+        calls.append(1)
+        if len(calls) == int(fail_on_epoch):
+            print("INTERRUPTED", flush=True)
+            os._exit(3)
+        return original(*args)
+    train.split._train_epoch = interruptible
+    settings = dict(FAP, k=4, prune_steps=1, finetune_epochs=2, workdir=workdir)
+    result = fap(MODEL, (_dataset(128, 1), _dataset(48, 2)), **settings)
+    rows = [(r["stage"], r["models"], r["top1_each"]) for r in result.report["rows"]]
+    print("RESULT" + json.dumps({"epochs": len(calls), "rows": rows}), flush=True)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start_two_processes(workdir, fail_on_epoch=0):
+    """Two jax.distributed processes on this machine, two forced CPU devices each."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    port, repo = str(_free_port()), Path(__file__).resolve().parents[1]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESSES, port, str(i), str(workdir), str(fail_on_epoch)],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+
+
+def _outputs(processes, returncode):
+    outputs = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == returncode, stderr[-3000:]
+        outputs.append(stdout)
+    return outputs
+
+
+@pytest.mark.slow
+def test_fap_on_two_processes_resumes(tmp_path):
+    """jax.distributed with two processes on one CPU machine (4 replicas over 4 devices,
+    then one fused model on each process): interrupted in the last fine-tuning's second
+    epoch and resumed, it ends where an uninterrupted two-process run ends."""
+    started = []
+    try:
+        started += (whole := _start_two_processes(tmp_path / "whole"))
+        # epochs: split 1-2, prune_step_1 3, finetune 4-5
+        started += (interrupted := _start_two_processes(tmp_path / "resumed", fail_on_epoch=5))
+        _outputs(interrupted, returncode=3)
+        started += (resumed := _start_two_processes(tmp_path / "resumed"))
+        resumed, whole = _outputs(resumed, returncode=0), _outputs(whole, returncode=0)
+    finally:
+        for process in started:
+            process.kill()
+    result = lambda out: json.loads(next(x for x in out.splitlines() if x.startswith("RESULT"))[6:])
+    expected = result(whole[0])
+    assert expected["epochs"] == 5 and [r[1] for r in expected["rows"]] == [4, 1, 1, 1, 1]
+    assert result(whole[1]) == expected
+    for out in resumed:  # only the last fine-tuning's second epoch ran again
+        assert result(out) == dict(expected, epochs=1)
+    model = lambda name: restore_model(tmp_path / name / "model")[0]
+    assert_trees_equal(model("resumed"), model("whole"))

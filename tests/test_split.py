@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -13,11 +14,13 @@ import jax
 import numpy as np
 import pytest
 
+import train.split
 from models import VGG
 from tests.tree_asserts import assert_trees_equal
 from train.data import ArrayDataset, batches
 from train.split import (
     IndexedDataset,
+    _mesh_devices,
     kfold_training_sets,
     replica_seed,
     split_indices,
@@ -133,6 +136,58 @@ def test_train_replicas_equals_separate_fits():
             assert ours["test_top1"][r] == theirs["test_top1"]
     kernel = lambda variables: variables["params"]["conv0"]["kernel"]
     assert not np.allclose(kernel(trained[0]), kernel(initial[0]))
+
+
+def test_train_replicas_resumes_from_its_checkpoints(tmp_path, monkeypatch):
+    data = _dataset()
+    datasets = [IndexedDataset(data, p) for p in split_indices(len(data), 2, seed=0)]
+    initial = [_numpy_variables(MODEL, seed=r) for r in range(2)]
+    run = lambda epochs: train_replicas(
+        MODEL, initial, datasets, epochs=epochs, batch_size=16, optimizer_kind="fast", seed=3,
+        checkpoint_dir=tmp_path, log=None,
+    )  # fmt: skip
+    expected, _ = train_replicas(
+        MODEL, initial, datasets, epochs=2, batch_size=16, optimizer_kind="fast", seed=3, log=None
+    )
+    original, calls = train.split._train_epoch, []
+
+    def interrupted_in_epoch_2(*args):
+        calls.append(args[-1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(train.split, "_train_epoch", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(2)
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch_00001"]
+    trained, history = run(2)
+    assert calls == [0, 1, 1]  # epoch 0 once, epoch 1 again after the interruption
+    assert [h.get("restored", False) for h in history] == [True, False]
+    assert_trees_equal(trained, expected)
+    with pytest.raises(ValueError, match="replica training with settings"):
+        run(3)
+
+
+def test_mesh_takes_the_same_number_of_devices_from_every_process():
+    device = collections.namedtuple("Device", "id process_index")
+    ids = lambda devices: [d.id for d in devices]
+    one_host = [device(i, 0) for i in range(4)]
+    assert ids(_mesh_devices(one_host, 6, None, 0)) == [0, 1, 2]
+    assert ids(_mesh_devices(one_host, 4, 2, 0)) == [0, 1]
+    two_hosts = [device(i, i // 4) for i in range(8)]  # 4 devices on each of 2 hosts
+    assert ids(_mesh_devices(two_hosts, 8, None, 1)) == list(range(8))
+    assert ids(_mesh_devices(two_hosts, 6, None, 0)) == [0, 1, 2, 4, 5, 6]
+    assert ids(_mesh_devices(two_hosts, 4, None, 0)) == [0, 1, 4, 5]
+    assert ids(_mesh_devices(two_hosts, 2, None, 1)) == [0, 4]
+    assert ids(_mesh_devices(two_hosts, 8, 4, 0)) == [0, 1, 4, 5]
+    # k not a multiple of the processes (or too few devices): each process on its own
+    assert ids(_mesh_devices(two_hosts, 1, None, 1)) == [4]
+    assert ids(_mesh_devices(two_hosts, 3, None, 0)) == [0, 1, 2]
+    assert ids(_mesh_devices(two_hosts, 3, None, 1)) == [4, 5, 6]
+    assert ids(_mesh_devices(two_hosts, 4, 1, 1)) == [4]
+    with pytest.raises(ValueError, match="num_devices must be >= 1"):
+        _mesh_devices(one_host, 4, 0, 0)
 
 
 _SHARDED_SCRIPT = textwrap.dedent(

@@ -11,6 +11,9 @@ Examples::
     ifjax datafree --checkpoint runs/vgg/model --out runs/vgg-datafree
     ifjax paf --model vgg11_bn --k 2 --epochs 300 --sparsity 0.6 --workdir runs/paf
 
+``split-train``, ``fap`` and ``paf`` resume in their ``--workdir`` (``--overwrite``
+starts over) and run on several hosts with ``--distributed`` (``docs/multihost.md``).
+
 Bad arguments (an unknown model, a sparsity outside [0, 1), an unknown group, a missing
 checkpoint, ...) end with one line ``ifjax: error: ...`` and exit status 2. JAX's
 persistent compilation cache is on (``~/.cache/ifjax/jax``; ``--compilation-cache DIR``
@@ -68,6 +71,7 @@ def _number(kind: Callable[[str], Any], check: Callable[[Any], bool], what: str)
 _sparsity = _number(float, lambda s: 0 <= s < 1, "sparsity must be in [0, 1)")
 _positive_int = _number(int, lambda n: n > 0, "must be a positive integer")
 _positive_float = _number(float, lambda x: x > 0, "must be a positive number")
+_nonnegative_int = _number(int, lambda n: n >= 0, "must be a non-negative integer")
 
 
 def _list_of(parse: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -219,8 +223,64 @@ def _split_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--steps-per-epoch", type=_positive_int, help="cap (quick runs)")
     sub.add_argument("--train-subset", type=_positive_int, help="random subset of training images")
     sub.add_argument("--test-subset", type=_positive_int, help="random subset of test images")
-    sub.add_argument("--workdir", required=True, help="report.{json,csv,md} and models")
+    sub.add_argument(
+        "--workdir", required=True, help="report.{json,csv,md}, models and finished stages"
+    )
+    sub.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a workdir that holds a run with other settings (default: "
+        "resume a run with the same settings, refuse other settings)",
+    )
     sub.add_argument("--seed", type=int, default=0)
+    hosts = sub.add_argument_group("several hosts (see docs/multihost.md)")
+    hosts.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first; run the same command on every host",
+    )
+    hosts.add_argument(
+        "--coordinator-address",
+        help="HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS or what JAX "
+        "detects on SLURM, Open MPI, Kubernetes, Cloud TPU)",
+    )
+    hosts.add_argument("--num-processes", type=_positive_int, help="default: detected")
+    hosts.add_argument("--process-id", type=_nonnegative_int, help="0..N-1; default: detected")
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` with the given flags, before JAX touches a device."""
+    given = {
+        name: getattr(args, name)
+        for name in ("coordinator_address", "num_processes", "process_id")
+        if getattr(args, name) is not None
+    }
+    if not args.distributed:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags} given without --distributed")
+        return
+    if given.get("process_id", -1) >= given.get("num_processes", sys.maxsize):
+        raise ValueError(
+            f"--process-id must be below --num-processes ({given['num_processes']}), "
+            f"got {given['process_id']}"
+        )
+    import jax
+
+    try:
+        jax.distributed.initialize(**given)
+    except (ValueError, RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"--distributed: jax.distributed.initialize({_arguments(given)}) failed: "
+            f"{str(error).rstrip('.')}. "
+            "Pass --coordinator-address HOST:PORT, --num-processes N and --process-id I, or "
+            "run under a cluster JAX detects (SLURM, Open MPI, Kubernetes, Cloud TPU); "
+            "see docs/multihost.md"
+        ) from error
+
+
+def _arguments(given: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in given.items())
 
 
 def _add_split(commands) -> None:
@@ -367,6 +427,9 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _run_split(args: argparse.Namespace) -> None:
+    _start_distributed(args)  # first: nothing may touch a device before it
+    import jax
+
     from train import pipelines
 
     common = dict(
@@ -374,7 +437,7 @@ def _run_split(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, optimizer_kind=args.schedule, num_devices=args.num_devices,
         steps_per_epoch=args.steps_per_epoch, train_examples=args.train_subset,
         test_examples=args.test_subset, data_dir=args.data_dir, workdir=args.workdir,
-        seed=args.seed,
+        overwrite=args.overwrite, seed=args.seed,
     )  # fmt: skip
     if args.command != "split-train":
         common |= dict(
@@ -385,7 +448,8 @@ def _run_split(args: argparse.Namespace) -> None:
         )  # fmt: skip
     run = {"split-train": pipelines.split_train, "fap": pipelines.fap, "paf": pipelines.paf}
     run[args.command](args.model, args.dataset, **common)
-    print(f"report: {args.workdir}/report.md")
+    if jax.process_index() == 0:
+        print(f"report: {args.workdir}/report.md")
 
 
 _COMMANDS = {

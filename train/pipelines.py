@@ -11,6 +11,9 @@
   same epochs, pruned with the same schedule, then fine-tuned ``baseline_finetune_epochs``
   (the paper: twice the pipelines' 80).
 
+Their keyword options are the fields of :class:`SplitOptions` (:func:`split_train`),
+:class:`PipelineOptions` (:func:`paf`) and :class:`FapOptions` (:func:`fap`).
+
 Iterative pruning: every group goes from n to ``int(n * (1 - sparsity))`` channels in
 ``prune_steps`` steps, step i keeping ``int(n * (1 - sparsity * i / prune_steps))``
 (Intra-Fusion, BatchNorm folded, as :func:`ifjax.prune`), each followed by
@@ -21,12 +24,22 @@ evaluated on the test set; the report (``report.json``, ``report.csv``, ``report
 ``workdir``) lists accuracy and seconds per stage next to the baseline's, with the
 model-training speedup (baseline training / split training) and the overall speedup
 (baseline total / pipeline total). Final variables are saved with
-:func:`ifjax.checkpoint.save_model`. Stages are not resumable: a rerun starts over.
+:func:`ifjax.checkpoint.save_model`.
+
+Resuming: with a ``workdir``, every finished stage's models and report row are kept in
+``workdir/stages`` (:mod:`train.stages`), and the training inside a stage is
+checkpointed every epoch. Running the same pipeline again with the same settings skips
+the finished stages (their rows, seconds included, are the recorded ones) and continues
+an interrupted stage from its last epoch; the result equals an uninterrupted run. A
+stage interrupted while training reports the recorded seconds of its checkpointed
+epochs plus the time of the attempt that finished it. Other settings in the same
+``workdir`` raise a ValueError naming the differing keys; ``overwrite=True`` starts over.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import time
@@ -49,14 +62,20 @@ from train.split import (
     kfold_training_sets,
     replica_mesh,
     replica_seed,
+    shard_replicas,
     split_indices,
     stack_trees,
+    sync_processes,
     train_replicas,
 )
+from train.stages import StageStore
 
 __all__ = [
     "REPORT_COLUMNS",
+    "FapOptions",
+    "PipelineOptions",
     "PipelineResult",
+    "SplitOptions",
     "fap",
     "paf",
     "prune_schedule",
@@ -92,49 +111,203 @@ class PipelineResult:
     variables: Any
 
 
+# ----------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitOptions:
+    """The options of :func:`split_train`, shared by :func:`fap` and :func:`paf`.
+
+    Attributes:
+      width_multiplier: scales the named model's widths.
+      k: number of splits.
+      kfold: train on the C(k, k/2) unions of k/2 parts instead of the k parts.
+      epochs: training epochs of every replica.
+      batch_size: examples per replica and step.
+      optimizer_kind: learning-rate schedule (``"base"``, ``"finetune"``, ``"fast"``).
+      augment: CIFAR crop + flip.
+      num_devices: devices for the replica axis (None: all).
+      steps_per_epoch: cap on steps per epoch (quick runs).
+      train_examples, test_examples: use only a random subset of that many examples
+        (drawn from ``seed``), e.g. for quick runs.
+      data_dir: dataset directory.
+      workdir: where the report, the final checkpoints and the finished stages go (None:
+        nowhere, and nothing to resume). A rerun in the same ``workdir`` resumes.
+      overwrite: start over in a ``workdir`` that holds a run with other settings
+        (without it, such a rerun raises a ValueError naming the differing settings).
+      seed: run seed (splits, initialisations, data order).
+      fair_timing: clear JAX's compilation caches before the pipeline and before the
+        baseline, so that each pays for its own compilation (False: faster, e.g. tests).
+      log: progress lines (None: silent); with several processes only process 0 logs.
+    """
+
+    width_multiplier: float = 1.0
+    k: int = 2
+    kfold: bool = False
+    epochs: int = 300
+    batch_size: int = 128
+    optimizer_kind: str = "base"
+    augment: bool = True
+    num_devices: int | None = None
+    steps_per_epoch: int | None = None
+    train_examples: int | None = None
+    test_examples: int | None = None
+    data_dir: str | os.PathLike | None = None
+    workdir: str | os.PathLike | None = None
+    overwrite: bool = False
+    seed: int = 0
+    fair_timing: bool = True
+    log: Callable[[str], None] | None = print
+
+    def settings(self) -> dict[str, Any]:
+        """The options that describe the run (not where it goes or how it logs)."""
+        skip = ("workdir", "overwrite", "log")
+        fields = dataclasses.fields(self)
+        return {f.name: getattr(self, f.name) for f in fields if f.name not in skip}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions(SplitOptions):
+    """The options of :func:`paf` (and :func:`fap`): those of :class:`SplitOptions`, and
+
+    Attributes:
+      sparsity: final fraction of every group's channels removed (all groups).
+      prune_steps: pruning steps to reach it (the paper: 4).
+      epochs_per_step: fine-tuning epochs after each step (the paper: 10).
+      finetune_epochs: final fine-tuning epochs (the paper: 80).
+      baseline: also run the whole-data baseline and report it alongside.
+      baseline_finetune_epochs: the baseline's final fine-tuning (None: twice
+        ``finetune_epochs``, the paper's 160 vs 80).
+      importance: Intra-Fusion importance ("l1", "l2", "lamp", ...; not "taylor").
+      fusion_method: ``"activation"`` (the paper) or ``"weight"``.
+      fusion_solver: ``"exact"`` or ``"sinkhorn"``.
+      fusion_samples: training images the activations are recorded on (the paper: 200).
+      finetune_kind: learning-rate schedule of every fine-tuning.
+    """
+
+    sparsity: float = 0.6
+    prune_steps: int = 4
+    epochs_per_step: int = 10
+    finetune_epochs: int = 80
+    baseline: bool = True
+    baseline_finetune_epochs: int | None = None
+    importance: str = "l1"
+    fusion_method: str = "activation"
+    fusion_solver: str = "exact"
+    fusion_samples: int = 200
+    finetune_kind: str = "finetune"
+
+    def __post_init__(self) -> None:
+        ifjax.keep_count(1_000_000, self.sparsity)  # raises on a bad sparsity
+        if self.prune_steps < 1:
+            raise ValueError(f"prune_steps must be >= 1, got {self.prune_steps}")
+
+    def resolved(self) -> PipelineOptions:
+        """A copy with the defaults that depend on other options filled in."""
+        if self.baseline_finetune_epochs is not None:
+            return self
+        return dataclasses.replace(self, baseline_finetune_epochs=2 * self.finetune_epochs)
+
+
+@dataclasses.dataclass(frozen=True)
+class FapOptions(PipelineOptions):
+    """The options of :func:`fap`: those of :class:`PipelineOptions`, and
+
+    Attributes:
+      fusion_finetune_epochs: fine-tuning epochs right after fusion (None:
+        ``epochs_per_step``).
+    """
+
+    fusion_finetune_epochs: int | None = None
+
+    def resolved(self) -> FapOptions:
+        """A copy with the defaults that depend on other options filled in."""
+        resolved = super().resolved()
+        if resolved.fusion_finetune_epochs is not None:
+            return resolved
+        return dataclasses.replace(resolved, fusion_finetune_epochs=self.epochs_per_step)
+
+
+def _takes(options_class: type[SplitOptions]):
+    """Gives a pipeline ``(model_name, dataset, **options)`` the keyword-only signature of
+    ``options_class``, so that ``help`` and ``inspect.signature`` show every option."""
+
+    def decorate(function):
+        head = list(inspect.signature(function).parameters.values())[:2]
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        options = [
+            inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type)
+            for f in dataclasses.fields(options_class)
+        ]
+        function.__signature__ = inspect.Signature(head + options, return_annotation=PipelineResult)
+        return function
+
+    return decorate
+
+
+def _options(options_class: type[SplitOptions], pipeline: str, given: dict[str, Any]):
+    """``options_class(**given)``, an unknown keyword named as a call's TypeError would."""
+    known = {f.name for f in dataclasses.fields(options_class)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(
+            f"{pipeline}() got unexpected keyword arguments {unknown}; its options are the "
+            f"fields of {options_class.__name__}"
+        )
+    return options_class(**given)
+
+
+# ----------------------------------------------------------------------------- context
+
+
 @dataclasses.dataclass
 class _Context:
-    """The data, the training settings and the rows recorded so far."""
+    """The data, the options, the stage store and the rows recorded so far."""
 
     train: Dataset
     test: Dataset
     input_shape: tuple[int, ...]
-    batch_size: int
-    seed: int
-    augment: bool
-    num_devices: int | None
-    steps_per_epoch: int | None
+    options: SplitOptions
+    settings: dict[str, Any]
+    store: StageStore | None
     log: Callable[[str], None] | None
-    fair_timing: bool
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     initials: dict[tuple[Any, int], Any] = dataclasses.field(default_factory=dict)
+    # the running stage's training checkpoints, and seconds its earlier attempts recorded
+    checkpoint_dir: Path | None = None
+    carried_seconds: float = 0.0
 
     def say(self, line: str) -> None:
         if self.log is not None:
             self.log(line)
 
     def fit(self, model, variables_list, datasets, epochs: int, kind: str, salt: int):
-        """Trains the models (vmapped) on their datasets; a no-op for 0 epochs."""
+        """Trains the models (vmapped) on their datasets; a no-op for 0 epochs.
+
+        Resumes from the running stage's training checkpoint, if there is one.
+        """
         if epochs <= 0:
             return list(variables_list)
-        trained, _ = train_replicas(
+        trained, history = train_replicas(
             model,
             variables_list,
             datasets,
             epochs=epochs,
-            batch_size=self.batch_size,
+            batch_size=self.options.batch_size,
             optimizer_kind=kind,
-            seed=replica_seed(self.seed, 10_000 + salt),
-            augment=self.augment,
-            num_devices=self.num_devices,
-            steps_per_epoch=self.steps_per_epoch,
+            seed=replica_seed(self.options.seed, 10_000 + salt),
+            augment=self.options.augment,
+            num_devices=self.options.num_devices,
+            steps_per_epoch=self.options.steps_per_epoch,
+            checkpoint_dir=self.checkpoint_dir,
             log=self.log,
         )
+        self.carried_seconds += sum(r["seconds"] for r in history if r.get("restored"))
         return trained
 
     def evaluate(self, model, variables_list) -> list[float]:
-        mesh = replica_mesh(len(variables_list), self.num_devices)
-        stacked = stack_trees(variables_list)
+        mesh = replica_mesh(len(variables_list), self.options.num_devices)
+        stacked = shard_replicas(stack_trees(variables_list), mesh)
         test = batches(self.test, 256, shuffle=False, augment=False)
         return [s["top1"] for s in evaluate_replicas(model, stacked, test, mesh)]
 
@@ -142,24 +315,51 @@ class _Context:
         """Initial variables of replica 0..count-1 (the baseline starts from replica 0's)."""
         for r in range(count):
             if (model, r) not in self.initials:
-                seed = replica_seed(self.seed, r)
+                seed = replica_seed(self.options.seed, r)
                 self.initials[model, r] = init_variables(model, seed, self.input_shape)
         return [self.initials[model, r] for r in range(count)]
 
     def fresh_start(self) -> None:
         """With ``fair_timing``, forgets compiled programs so a pipeline compiles its own."""
-        if self.fair_timing:
+        if self.options.fair_timing:
             jax.clear_caches()
 
-    def stage(self, pipeline: str, name: str, run: Callable[[], tuple[Any, list]]):
-        """Runs a stage ``() -> (model, variables_list)``, times it, evaluates, records."""
+    def stage(
+        self,
+        pipeline: str,
+        name: str,
+        run: Callable[[], tuple[Any, list]],
+        before: Callable[[], Any] | None = None,
+    ):
+        """Runs a stage ``() -> (model, variables_list)``, times it, evaluates, records.
+
+        A stage finished by an earlier run in the workdir is loaded instead (its row as
+        recorded); otherwise ``before`` (untimed) runs first, and the stage's training
+        (at most one :meth:`fit`) checkpoints into, and resumes from, the stage's store.
+        """
+        index = sum(1 for r in self.rows if r["pipeline"] == pipeline)
+        if self.store is not None:
+            finished = self.store.load(pipeline, index, name)
+            if finished is not None:
+                model, variables_list, row = finished
+                self.rows.append(row)
+                self.say(f"[{pipeline}] {name}: finished before, top1 {row['top1']:.4f}")
+                return model, variables_list
+        if before is not None:
+            before()
         self.say(f"[{pipeline}] {name} ...")
+        if self.store is not None:
+            self.checkpoint_dir = self.store.training_dir(pipeline, index, name)
+        self.carried_seconds = 0.0
         start = time.perf_counter()
-        model, variables_list = run()
-        jax.block_until_ready(variables_list)
-        seconds = time.perf_counter() - start
+        try:
+            model, variables_list = run()
+            jax.block_until_ready(variables_list)
+        finally:
+            self.checkpoint_dir = None
+        seconds = time.perf_counter() - start + self.carried_seconds
         top1 = self.evaluate(model, variables_list)
-        before = sum(r["seconds"] for r in self.rows if r["pipeline"] == pipeline)
+        before_seconds = sum(r["seconds"] for r in self.rows if r["pipeline"] == pipeline)
         row = {
             "pipeline": pipeline,
             "stage": name,
@@ -168,9 +368,11 @@ class _Context:
             "top1_each": top1,
             "params": _count_params(variables_list[0]),
             "seconds": seconds,
-            "cumulative_seconds": before + seconds,
+            "cumulative_seconds": before_seconds + seconds,
         }
         self.rows.append(row)
+        if self.store is not None:
+            self.store.save(pipeline, index, name, model, variables_list, row)
         self.say(f"[{pipeline}] {name}: top1 {row['top1']:.4f} {top1} in {seconds:.1f}s")
         return model, variables_list
 
@@ -257,18 +459,19 @@ def _widths(model, variables, example_input) -> dict[int, int]:
     return {g.index: g.size for g in ifjax.discover_groups(model, variables, example_input)}
 
 
-def _iterative_prune(ctx: _Context, pipeline: str, model, variables_list, options: dict):
+def _iterative_prune(ctx: _Context, pipeline: str, model, variables_list):
     """``prune_steps`` x (prune every model, fine-tune each on all data) stages."""
+    opts = ctx.options
     example = np.zeros(ctx.input_shape, np.float32)
     schedule = prune_schedule(
-        _widths(model, variables_list[0], example), options["sparsity"], options["prune_steps"]
+        _widths(model, variables_list[0], example), opts.sparsity, opts.prune_steps
     )
     for step, targets in enumerate(schedule, start=1):
 
         def run(model=model, variables_list=variables_list, targets=targets, step=step):
             pruned = [
                 prune_to_widths(
-                    model, v, targets, example_input=example, importance=options["importance"]
+                    model, v, targets, example_input=example, importance=opts.importance
                 )
                 for v in variables_list
             ]
@@ -277,8 +480,8 @@ def _iterative_prune(ctx: _Context, pipeline: str, model, variables_list, option
                 model,
                 [v for _, v in pruned],
                 [ctx.train] * len(pruned),
-                options["epochs_per_step"],
-                options["finetune_kind"],
+                opts.epochs_per_step,
+                opts.finetune_kind,
                 salt=100 + step,
             )
             return model, tuned
@@ -290,19 +493,28 @@ def _iterative_prune(ctx: _Context, pipeline: str, model, variables_list, option
 # ----------------------------------------------------------------------------- stages
 
 
-def _split_stage(ctx: _Context, pipeline: str, model, k: int, kfold: bool, epochs: int, kind: str):
-    index_sets = (kfold_training_sets if kfold else split_indices)(len(ctx.train), k, ctx.seed)
+def _split_stage(ctx: _Context, pipeline: str, model):
+    opts = ctx.options
+    splits = kfold_training_sets if opts.kfold else split_indices
+    index_sets = splits(len(ctx.train), opts.k, opts.seed)
     datasets = [IndexedDataset(ctx.train, indices) for indices in index_sets]
-    initial = ctx.initial(model, len(datasets))
-    ctx.fresh_start()
-    run = lambda: (model, ctx.fit(model, initial, datasets, epochs, kind, salt=1))
-    return ctx.stage(pipeline, "split_train", run)
+
+    def before():
+        ctx.initial(model, len(datasets))
+        ctx.fresh_start()
+
+    def run():
+        initial = ctx.initial(model, len(datasets))
+        return model, ctx.fit(model, initial, datasets, opts.epochs, opts.optimizer_kind, salt=1)
+
+    return ctx.stage(pipeline, "split_train", run, before)
 
 
-def _fuse_stage(ctx: _Context, pipeline: str, model, variables_list, options: dict):
-    samples = min(options["fusion_samples"], len(ctx.train))
+def _fuse_stage(ctx: _Context, pipeline: str, model, variables_list):
+    opts = ctx.options
+    samples = min(opts.fusion_samples, len(ctx.train))
     # a random sample: datasets may be stored class by class (cifar10_jpeg is)
-    sample = batches(ctx.train, samples, shuffle=True, augment=False, seed=ctx.seed, num_threads=0)
+    sample = batches(ctx.train, samples, shuffle=True, augment=False, seed=opts.seed, num_threads=0)
     images = next(iter(sample))["image"]
 
     def run():
@@ -311,33 +523,36 @@ def _fuse_stage(ctx: _Context, pipeline: str, model, variables_list, options: di
             variables_list,
             inputs=images,
             num_samples=samples,
-            method=options["fusion_method"],
-            solver=options["fusion_solver"],
+            method=opts.fusion_method,
+            solver=opts.fusion_solver,
         )
         return model, [fused]
 
     return ctx.stage(pipeline, "fuse", run)
 
 
-def _finetune_stage(ctx: _Context, pipeline, name, model, variables_list, epochs, kind, salt):
+def _finetune_stage(ctx: _Context, pipeline, name, model, variables_list, epochs, salt):
+    kind = ctx.options.finetune_kind
     run = lambda: (model, ctx.fit(model, variables_list, [ctx.train], epochs, kind, salt))
     return ctx.stage(pipeline, name, run)
 
 
-def _baseline(ctx: _Context, model, options: dict):
+def _baseline(ctx: _Context, model):
     """The whole-data model: train, prune iteratively, fine-tune."""
-    initial = ctx.initial(model, 1)
-    ctx.fresh_start()
-    run = lambda: (
-        model,
-        ctx.fit(model, initial, [ctx.train], options["epochs"], options["optimizer_kind"], salt=2),
-    )
-    model, variables = ctx.stage("baseline", "train", run)
-    model, variables = _iterative_prune(ctx, "baseline", model, variables, options)
-    epochs = options["baseline_finetune_epochs"]
-    return _finetune_stage(
-        ctx, "baseline", "finetune", model, variables, epochs, options["finetune_kind"], 3
-    )
+    opts = ctx.options
+
+    def before():
+        ctx.initial(model, 1)
+        ctx.fresh_start()
+
+    def run():
+        initial = ctx.initial(model, 1)
+        return model, ctx.fit(model, initial, [ctx.train], opts.epochs, opts.optimizer_kind, 2)
+
+    model, variables = ctx.stage("baseline", "train", run, before)
+    model, variables = _iterative_prune(ctx, "baseline", model, variables)
+    epochs = opts.baseline_finetune_epochs
+    return _finetune_stage(ctx, "baseline", "finetune", model, variables, epochs, 3)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -393,23 +608,26 @@ def _write_report(workdir: Path, report: dict[str, Any]) -> None:
     (workdir / "report.md").write_text(_markdown(report))
 
 
-def _finish(ctx, pipeline, config, model, variables_list, workdir) -> PipelineResult:
+def _finish(ctx: _Context, pipeline: str, model, variables_list) -> PipelineResult:
+    """Writes the report and the final checkpoints (process 0) and returns the result."""
     report = {
         "pipeline": pipeline,
-        "config": config,
+        "config": ctx.settings,
         "rows": ctx.rows,
         "summary": _summary(ctx.rows, pipeline),
     }
-    if workdir is not None:
+    workdir = ctx.options.workdir
+    if workdir is not None and jax.process_index() == 0:
         workdir = Path(workdir)
         _write_report(workdir, report)
         names = ["model"] if len(variables_list) == 1 else [f"replica_{r}" for r in range(99)]
-        metadata = {"pipeline": pipeline, "config": config}
+        metadata = {"pipeline": pipeline, "config": ctx.settings}
         for name, variables in zip(names, variables_list, strict=False):
             spec = model_spec(model)
             save_model(
                 workdir / name, variables, model_spec=spec, metadata=metadata, overwrite=True
             )
+    sync_processes("ifjax_pipeline_finished")
     ctx.say(_markdown(report))
     variables = variables_list[0] if len(variables_list) == 1 else variables_list
     return PipelineResult(report, model, variables)
@@ -426,75 +644,55 @@ def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     return IndexedDataset(dataset, np.sort(chosen))
 
 
-def _datasets(dataset, common: dict) -> tuple[Dataset, Dataset]:
+def _datasets(dataset, opts: SplitOptions) -> tuple[Dataset, Dataset]:
     if isinstance(dataset, str):
-        train = load_dataset(dataset, "train", data_dir=common["data_dir"])
-        test = load_dataset(dataset, "test", data_dir=common["data_dir"])
+        train = load_dataset(dataset, "train", data_dir=opts.data_dir)
+        test = load_dataset(dataset, "test", data_dir=opts.data_dir)
     else:
         train, test = dataset
-    seed = common["seed"]
-    return _subset(train, common["train_examples"], seed), _subset(
-        test, common["test_examples"], seed
+    return (
+        _subset(train, opts.train_examples, opts.seed),
+        _subset(test, opts.test_examples, opts.seed),
     )
 
 
-def _start(model_name, dataset, width_multiplier, common: dict) -> tuple[nn.Module, _Context]:
-    """Builds the model and the context from the arguments shared by all pipelines."""
-    train, test = _datasets(dataset, common)
+def _start(pipeline: str, model_name, dataset, opts: SplitOptions) -> tuple[nn.Module, _Context]:
+    """Builds the model and the context, and opens (or checks) the workdir's stages."""
+    train, test = _datasets(dataset, opts)
     if isinstance(model_name, nn.Module):
-        if width_multiplier != 1.0:
+        if opts.width_multiplier != 1.0:
             raise ValueError("width_multiplier applies to a model name, not a model instance")
         model = model_name
     else:
-        model = create_model(model_name, train.num_classes, width_multiplier)
+        model = create_model(model_name, train.num_classes, opts.width_multiplier)
+    settings = {
+        "model": model_spec(model),
+        "dataset": dataset if isinstance(dataset, str) else "in-memory",
+        "devices": [str(d) for d in jax.devices()],
+        **opts.settings(),
+    }
+    settings = json.loads(json.dumps(settings, default=str))
+    store = None
+    if opts.workdir is not None:
+        store = StageStore.open(opts.workdir, pipeline, settings, overwrite=opts.overwrite)
     images, _ = train.get_batch(np.array([0]))
     ctx = _Context(
         train=train,
         test=test,
         input_shape=(1,) + tuple(images.shape[1:]),
-        batch_size=common["batch_size"],
-        seed=common["seed"],
-        augment=common["augment"],
-        num_devices=common["num_devices"],
-        steps_per_epoch=common["steps_per_epoch"],
-        log=common["log"],
-        fair_timing=common["fair_timing"],
+        options=opts,
+        settings=settings,
+        store=store,
+        log=opts.log if jax.process_index() == 0 else None,
     )
     return model, ctx
 
 
-def _config(model, dataset, width_multiplier, options: dict) -> dict[str, Any]:
-    """The JSON-serialisable arguments of a run."""
-    config = {
-        "model": model_spec(model),
-        "dataset": dataset if isinstance(dataset, str) else "in-memory",
-        "width_multiplier": width_multiplier,
-        "devices": [str(d) for d in jax.devices()],
-    }
-    config.update({k: v for k, v in options.items() if k not in ("log", "workdir")})
-    return json.loads(json.dumps(config, default=str))
-
-
+@_takes(SplitOptions)
 def split_train(
     model_name: str | nn.Module = "vgg11_bn",
     dataset: str | tuple[Dataset, Dataset] = "cifar10",
-    *,
-    width_multiplier: float = 1.0,
-    k: int = 2,
-    kfold: bool = False,
-    epochs: int = 300,
-    batch_size: int = 128,
-    optimizer_kind: str = "base",
-    augment: bool = True,
-    num_devices: int | None = None,
-    steps_per_epoch: int | None = None,
-    train_examples: int | None = None,
-    test_examples: int | None = None,
-    data_dir: str | os.PathLike | None = None,
-    workdir: str | os.PathLike | None = None,
-    seed: int = 0,
-    fair_timing: bool = True,
-    log: Callable[[str], None] | None = print,
+    **options: Any,
 ) -> PipelineResult:
     """Trains k replicas on k disjoint splits (or the C(k, k/2) k-fold sets) at once.
 
@@ -502,23 +700,9 @@ def split_train(
       model_name: a name of ``models.registry`` (``"vgg11_bn"``, ``"resnet18"``, ...) or a
         Linen model instance.
       dataset: a dataset name for :func:`train.data.load_dataset`, or ``(train, test)``.
-      width_multiplier: scales the named model's widths.
-      k: number of splits.
-      kfold: train on the C(k, k/2) unions of k/2 parts instead of the k parts.
-      epochs: training epochs of every replica.
-      batch_size: examples per replica and step.
-      optimizer_kind: learning-rate schedule (``"base"``, ``"finetune"``, ``"fast"``).
-      augment: CIFAR crop + flip.
-      num_devices: devices for the replica axis (None: all).
-      steps_per_epoch: cap on steps per epoch (quick runs).
-      train_examples, test_examples: use only a random subset of that many examples
-        (drawn from ``seed``), e.g. for quick runs.
-      data_dir: dataset directory.
-      workdir: where the report and ``replica_<r>`` checkpoints go (None: nowhere).
-      seed: run seed (splits, initialisations, data order).
-      fair_timing: clear JAX's compilation caches before the pipeline and before the
-        baseline, so that each pays for its own compilation (False: faster, e.g. tests).
-      log: progress lines (None: silent).
+      **options: keyword-only, the fields of :class:`SplitOptions` (``k``, ``epochs``,
+        ``workdir``, ``seed``, ...). ``workdir`` gets the report and the ``replica_<r>``
+        checkpoints; a rerun there resumes.
 
     Returns:
       :class:`PipelineResult` with the list of replica variables.
@@ -526,98 +710,34 @@ def split_train(
     Example:
       >>> result = split_train("vgg11_bn", "cifar10", k=2, epochs=30, workdir="runs/split")
     """
-    options = dict(locals())
-    model, ctx = _start(model_name, dataset, width_multiplier, options)
-    model, trained = _split_stage(ctx, "split_train", model, k, kfold, epochs, optimizer_kind)
-    config = _config(model, dataset, width_multiplier, _without(options, "model_name", "dataset"))
-    return _finish(ctx, "split_train", config, model, trained, workdir)
+    opts = _options(SplitOptions, "split_train", options)
+    model, ctx = _start("split_train", model_name, dataset, opts)
+    model, trained = _split_stage(ctx, "split_train", model)
+    return _finish(ctx, "split_train", model, trained)
 
 
-def _without(options: dict, *names: str) -> dict:
-    return {k: v for k, v in options.items() if k not in names}
-
-
-def _resolve(options: dict[str, Any]) -> dict[str, Any]:
-    """Fills the schedule defaults and checks the pruning arguments."""
-    options = dict(options)
-    options.setdefault("fusion_finetune_epochs", None)
-    if options["fusion_finetune_epochs"] is None:
-        options["fusion_finetune_epochs"] = options["epochs_per_step"]
-    if options["baseline_finetune_epochs"] is None:
-        options["baseline_finetune_epochs"] = 2 * options["finetune_epochs"]
-    ifjax.keep_count(1_000_000, options["sparsity"])  # raises on a bad sparsity
-    if options["prune_steps"] < 1:
-        raise ValueError(f"prune_steps must be >= 1, got {options['prune_steps']}")
-    return options
-
-
-def _conclude(ctx: _Context, pipeline: str, options: dict, dense, model, variables):
+def _conclude(ctx: _Context, pipeline: str, dense, model, variables) -> PipelineResult:
     """Runs the whole-data baseline of the dense model (if asked), writes the report."""
-    if options["baseline"]:
-        _baseline(ctx, dense, options)
-    config = _config(
-        model,
-        options["dataset"],
-        options["width_multiplier"],
-        _without(options, "model_name", "dataset"),
-    )
-    return _finish(ctx, pipeline, config, model, variables, options["workdir"])
+    if ctx.options.baseline:
+        _baseline(ctx, dense)
+    return _finish(ctx, pipeline, model, variables)
 
 
+@_takes(FapOptions)
 def fap(
     model_name: str | nn.Module = "vgg11_bn",
     dataset: str | tuple[Dataset, Dataset] = "cifar10",
-    *,
-    width_multiplier: float = 1.0,
-    k: int = 2,
-    kfold: bool = False,
-    epochs: int = 300,
-    sparsity: float = 0.6,
-    prune_steps: int = 4,
-    epochs_per_step: int = 10,
-    finetune_epochs: int = 80,
-    fusion_finetune_epochs: int | None = None,
-    baseline: bool = True,
-    baseline_finetune_epochs: int | None = None,
-    importance: str = "l1",
-    fusion_method: str = "activation",
-    fusion_solver: str = "exact",
-    fusion_samples: int = 200,
-    batch_size: int = 128,
-    optimizer_kind: str = "base",
-    finetune_kind: str = "finetune",
-    augment: bool = True,
-    num_devices: int | None = None,
-    steps_per_epoch: int | None = None,
-    train_examples: int | None = None,
-    test_examples: int | None = None,
-    data_dir: str | os.PathLike | None = None,
-    workdir: str | os.PathLike | None = None,
-    seed: int = 0,
-    fair_timing: bool = True,
-    log: Callable[[str], None] | None = print,
+    **options: Any,
 ) -> PipelineResult:
     """Fuse-and-Prune: split training -> fuse -> fine-tune -> prune iteratively -> fine-tune.
 
     Args:
-      model_name, dataset, width_multiplier, k, kfold, epochs, batch_size,
-        optimizer_kind, augment, num_devices, steps_per_epoch, train_examples,
-        test_examples, data_dir, seed, fair_timing, log: as :func:`split_train`.
-      sparsity: final fraction of every group's channels removed (all groups).
-      prune_steps: pruning steps to reach it (the paper: 4).
-      epochs_per_step: fine-tuning epochs after each step (the paper: 10).
-      finetune_epochs: final fine-tuning epochs (the paper: 80).
-      fusion_finetune_epochs: fine-tuning epochs right after fusion (default:
-        ``epochs_per_step``).
-      baseline: also run the whole-data baseline and report it alongside.
-      baseline_finetune_epochs: the baseline's final fine-tuning (default: twice
-        ``finetune_epochs``, the paper's 160 vs 80).
-      importance: Intra-Fusion importance ("l1", "l2", "lamp", ...; not "taylor").
-      fusion_method: ``"activation"`` (the paper) or ``"weight"``.
-      fusion_solver: ``"exact"`` or ``"sinkhorn"``.
-      fusion_samples: training images the activations are recorded on (the paper: 200).
-      finetune_kind: learning-rate schedule of every fine-tuning.
-      workdir: where ``report.{json,csv,md}`` and the final ``model`` checkpoint go.
+      model_name, dataset: as :func:`split_train`.
+      **options: keyword-only, the fields of :class:`FapOptions`: those of
+        :func:`split_train`, the pruning and fusion options (``sparsity``,
+        ``prune_steps``, ``epochs_per_step``, ``finetune_epochs``, ``baseline``, ...) and
+        ``fusion_finetune_epochs``. ``workdir`` gets ``report.{json,csv,md}``, the final
+        ``model`` checkpoint and the finished stages; a rerun there resumes.
 
     Returns:
       :class:`PipelineResult` of the fused, pruned, fine-tuned model.
@@ -626,63 +746,31 @@ def fap(
       >>> result = fap("vgg11_bn", "cifar10", k=2, sparsity=0.6, workdir="runs/fap")
       >>> result.report["summary"]["overall_speedup"]
     """
-    options = _resolve(locals())
-    dense, ctx = _start(model_name, dataset, width_multiplier, options)
-    model, replicas = _split_stage(ctx, "fap", dense, k, kfold, epochs, optimizer_kind)
-    model, fused = _fuse_stage(ctx, "fap", model, replicas, options)
-    model, fused = _finetune_stage(
-        ctx,
-        "fap",
-        "fusion_finetune",
-        model,
-        fused,
-        options["fusion_finetune_epochs"],
-        finetune_kind,
-        4,
-    )
-    model, pruned = _iterative_prune(ctx, "fap", model, fused, options)
-    model, final = _finetune_stage(
-        ctx, "fap", "finetune", model, pruned, finetune_epochs, finetune_kind, 5
-    )
-    return _conclude(ctx, "fap", options, dense, model, final)
+    opts = _options(FapOptions, "fap", options).resolved()
+    dense, ctx = _start("fap", model_name, dataset, opts)
+    model, replicas = _split_stage(ctx, "fap", dense)
+    model, fused = _fuse_stage(ctx, "fap", model, replicas)
+    epochs = opts.fusion_finetune_epochs
+    model, fused = _finetune_stage(ctx, "fap", "fusion_finetune", model, fused, epochs, 4)
+    model, pruned = _iterative_prune(ctx, "fap", model, fused)
+    epochs = opts.finetune_epochs
+    model, final = _finetune_stage(ctx, "fap", "finetune", model, pruned, epochs, 5)
+    return _conclude(ctx, "fap", dense, model, final)
 
 
+@_takes(PipelineOptions)
 def paf(
     model_name: str | nn.Module = "vgg11_bn",
     dataset: str | tuple[Dataset, Dataset] = "cifar10",
-    *,
-    width_multiplier: float = 1.0,
-    k: int = 2,
-    kfold: bool = False,
-    epochs: int = 300,
-    sparsity: float = 0.6,
-    prune_steps: int = 4,
-    epochs_per_step: int = 10,
-    finetune_epochs: int = 80,
-    baseline: bool = True,
-    baseline_finetune_epochs: int | None = None,
-    importance: str = "l1",
-    fusion_method: str = "activation",
-    fusion_solver: str = "exact",
-    fusion_samples: int = 200,
-    batch_size: int = 128,
-    optimizer_kind: str = "base",
-    finetune_kind: str = "finetune",
-    augment: bool = True,
-    num_devices: int | None = None,
-    steps_per_epoch: int | None = None,
-    train_examples: int | None = None,
-    test_examples: int | None = None,
-    data_dir: str | os.PathLike | None = None,
-    workdir: str | os.PathLike | None = None,
-    seed: int = 0,
-    fair_timing: bool = True,
-    log: Callable[[str], None] | None = print,
+    **options: Any,
 ) -> PipelineResult:
     """Prune-and-Fuse: split training -> prune every replica iteratively (each fine-tuned
     on all data, vmapped) -> fuse the pruned replicas -> fine-tune.
 
-    Args: as :func:`fap` (without ``fusion_finetune_epochs``).
+    Args:
+      model_name, dataset: as :func:`split_train`.
+      **options: keyword-only, the fields of :class:`PipelineOptions` (as :func:`fap`,
+        without ``fusion_finetune_epochs``).
 
     Returns:
       :class:`PipelineResult` of the fused, fine-tuned model.
@@ -690,12 +778,11 @@ def paf(
     Example:
       >>> result = paf("vgg11_bn", "cifar10", k=2, sparsity=0.6, workdir="runs/paf")
     """
-    options = _resolve(locals())
-    dense, ctx = _start(model_name, dataset, width_multiplier, options)
-    model, replicas = _split_stage(ctx, "paf", dense, k, kfold, epochs, optimizer_kind)
-    model, pruned = _iterative_prune(ctx, "paf", model, replicas, options)
-    model, fused = _fuse_stage(ctx, "paf", model, pruned, options)
-    model, final = _finetune_stage(
-        ctx, "paf", "finetune", model, fused, finetune_epochs, finetune_kind, 5
-    )
-    return _conclude(ctx, "paf", options, dense, model, final)
+    opts = _options(PipelineOptions, "paf", options).resolved()
+    dense, ctx = _start("paf", model_name, dataset, opts)
+    model, replicas = _split_stage(ctx, "paf", dense)
+    model, pruned = _iterative_prune(ctx, "paf", model, replicas)
+    model, fused = _fuse_stage(ctx, "paf", model, pruned)
+    epochs = opts.finetune_epochs
+    model, final = _finetune_stage(ctx, "paf", "finetune", model, fused, epochs, 5)
+    return _conclude(ctx, "paf", dense, model, final)

@@ -25,11 +25,22 @@ Multiple hosts: the same code runs unchanged on every host. Start each process w
     jax.distributed.initialize(coordinator_address="host0:1234",
                                num_processes=N, process_id=i)  # before any other JAX call
 
-(on Cloud TPU and SLURM clusters ``jax.distributed.initialize()`` finds these by itself).
-``jax.devices()`` then lists the devices of all hosts, :func:`replica_mesh` spans them,
-and each process builds only the batches of the replicas whose shards live on its own
-devices (``jax.make_array_from_callback`` asks it for exactly those); results are
-gathered to every host with ``multihost_utils.process_allgather``.
+(on Cloud TPU and SLURM clusters ``jax.distributed.initialize()`` finds these by itself;
+the command line's ``--distributed`` does this, see ``docs/multihost.md``).
+``jax.devices()`` then lists the devices of all hosts and :func:`replica_mesh` takes the
+same number from every process, so that every process owns some replicas (when k is a
+multiple of the number of processes; otherwise, e.g. for a single fused model, every
+process trains all k replicas on its own devices, identically). Each process builds
+only the batches of the replicas whose shards live on its own devices
+(``jax.make_array_from_callback`` asks it for exactly those); results are gathered to
+every host with ``multihost_utils.process_allgather``.
+
+Resuming: with ``checkpoint_dir``, :func:`train_replicas` saves the stacked training
+state after every epoch (``checkpoint_dir/epoch_<N>/``, :func:`ifjax.checkpoint.save_pytree`,
+atomic; process 0 writes, so with several hosts the directory must be on a shared file
+system) and a later call with the same settings continues from the newest one. Every
+epoch's batches depend only on (seed, replica, epoch), so the resumed run equals the
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -37,10 +48,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
+import os
+import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,9 +66,11 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ifjax.checkpoint import restore_pytree, save_pytree
 from train.data import Dataset, batches
 from train.training import (
     TrainState,
+    _check_matches,
     _fixed_size_batches,
     create_train_state,
     eval_step,
@@ -70,6 +89,7 @@ __all__ = [
     "shard_replicas",
     "split_indices",
     "stack_trees",
+    "sync_processes",
     "train_replicas",
     "unstack_tree",
 ]
@@ -161,27 +181,78 @@ def stack_trees(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(list(trees)))
 
 
+def _to_host(tree: Any) -> Any:
+    """Every process gets the whole of a (possibly multi-host sharded) tree as numpy."""
+    leaves = jax.tree.leaves(tree)
+    if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
 def unstack_tree(tree: Any) -> list[Any]:
     """The inverse of :func:`stack_trees`: k pytrees (fetched to this host as numpy)."""
-    if jax.process_count() > 1:
-        tree = multihost_utils.process_allgather(tree, tiled=True)
-    tree = jax.device_get(tree)
+    tree = _to_host(tree)
     k = jax.tree.leaves(tree)[0].shape[0]
     return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(k)]
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process gets here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def replica_mesh(k: int, num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over the most devices (at most ``num_devices``) that divides k.
 
+    With several processes (``jax.distributed``) every process contributes the same number
+    of its devices, so that every process holds some of the replicas; when k cannot be
+    split so (k not a multiple of the number of processes, e.g. one fused model), every
+    process gets a mesh of its own devices and computes all k replicas itself.
+
     Example:
       >>> replica_mesh(4).shape  # with 2 devices  # doctest: +SKIP
       {'replica': 2}
     """
-    available = jax.device_count() if num_devices is None else min(num_devices, jax.device_count())
+    devices = _mesh_devices(jax.devices(), k, num_devices, jax.process_index())
+    return Mesh(np.asarray(devices), (REPLICA_AXIS,))
+
+
+def _mesh_devices(
+    devices: Sequence[Any], k: int, num_devices: int | None, process_index: int
+) -> list[Any]:
+    """The devices of :func:`replica_mesh`: the most (at most ``num_devices``) dividing k.
+
+    Args:
+      devices: all devices, of every process (``jax.devices()``); each has a
+        ``process_index``.
+      k: number of replicas.
+      num_devices: cap on the devices used (None: all).
+      process_index: the calling process.
+
+    Returns:
+      The first d / P local devices of each of the P processes, process by process, for
+      the largest such d that divides k (one process: ``devices[:d]``); if there is none,
+      the calling process's first d local devices, for the largest d dividing k.
+    """
+    available = len(devices) if num_devices is None else min(num_devices, len(devices))
     if available < 1:
         raise ValueError(f"num_devices must be >= 1, got {num_devices}")
-    count = max(d for d in range(1, available + 1) if k % d == 0)
-    return Mesh(np.asarray(jax.devices()[:count]), (REPLICA_AXIS,))
+    by_process: dict[int, list[Any]] = {}
+    for device in devices:
+        by_process.setdefault(device.process_index, []).append(device)
+    processes, local = len(by_process), min(len(d) for d in by_process.values())
+    spread = [
+        d
+        for d in range(processes, available + 1, processes)
+        if k % d == 0 and d // processes <= local
+    ]
+    if spread:
+        per_process = max(spread) // processes
+        return [device for p in sorted(by_process) for device in by_process[p][:per_process]]
+    own = by_process[process_index]
+    count = max(d for d in range(1, min(available, len(own)) + 1) if k % d == 0)
+    return own[:count]
 
 
 def _sharding(mesh: Mesh) -> NamedSharding:
@@ -256,9 +327,7 @@ def evaluate_replicas(
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
         raise ValueError("evaluate_replicas got no batches")
-    if jax.process_count() > 1:
-        totals = multihost_utils.process_allgather(totals, tiled=True)
-    loss_sum, correct, count = (np.asarray(x) for x in jax.device_get(totals))
+    loss_sum, correct, count = (np.asarray(x) for x in _to_host(totals))
     return [
         {"top1": float(c) / int(n), "loss": float(s) / int(n), "count": int(n)}
         for s, c, n in zip(loss_sum, correct, count, strict=True)
@@ -353,6 +422,7 @@ def train_replicas(
     steps_per_epoch: int | None = None,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
+    checkpoint_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = print,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Trains k replicas of one architecture, each on its own dataset, in one program.
@@ -378,12 +448,16 @@ def train_replicas(
       steps_per_epoch: steps per epoch (default and maximum: the smallest dataset's
         ``len // batch_size``); fewer makes quick runs.
       momentum, weight_decay: SGD settings.
+      checkpoint_dir: save the training state here after every epoch and, if it holds
+        a checkpoint of this training (same settings and shapes, else a ValueError),
+        continue from it (None: no checkpoints).
       log: where one line per epoch goes (None: nowhere).
 
     Returns:
       ``(variables_list, history)``: the k trained variables (numpy, on this host) and
       one record per epoch with per-replica ``train_loss``, ``train_acc``,
-      ``test_top1`` (when evaluated) and the epoch's ``seconds``.
+      ``test_top1`` (when evaluated) and the epoch's ``seconds``; records of epochs
+      restored from a checkpoint also have ``"restored": True``.
 
     Example:
       >>> parts = split_indices(len(train), 2, seed=0)
@@ -405,10 +479,26 @@ def train_replicas(
         create_train_state(model, variables, optimizer, seed=s)
         for variables, s in zip(variables_list, seeds, strict=True)
     ]
-    states = shard_replicas(stack_trees(states), plan.mesh)
+    states = stack_trees(states)
+    checkpoints = None
+    if checkpoint_dir is not None:
+        config = dict(
+            k=k,
+            dataset_sizes=[len(d) for d in datasets],
+            epochs=epochs,
+            batch_size=batch_size,
+            steps_per_epoch=steps,
+            optimizer_kind=optimizer_kind,
+            seed=seed,
+            augment=augment,
+            momentum=momentum,
+            weight_decay=weight_decay,
+        )
+        checkpoints = _ReplicaCheckpoints(Path(checkpoint_dir).absolute(), config)
+    states, history = (states, []) if checkpoints is None else checkpoints.restore(states, log)
+    states = shard_replicas(states, plan.mesh)
     step_fn = replica_train_step(model, optimizer, plan.mesh)
-    history = []
-    for epoch in range(epochs):
+    for epoch in range(len(history), epochs):
         start = time.perf_counter()
         states, sums, done = _train_epoch(plan, step_fn, states, epoch)
         jax.block_until_ready(states)
@@ -419,7 +509,55 @@ def train_replicas(
         history.append(record)
         if log is not None:
             log(_epoch_line(record, epochs))
+        if checkpoints is not None:
+            checkpoints.save(states, history)
     return unstack_tree(states.variables), history
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReplicaCheckpoints:
+    """The stacked training states of :func:`train_replicas`, one ``epoch_<N>`` per epoch."""
+
+    directory: Path
+    config: dict[str, Any]
+
+    def found(self) -> list[Path]:
+        """Checkpoint directories (hidden temporaries excluded), oldest first."""
+        if not self.directory.is_dir():
+            return []
+        names = [p for p in self.directory.iterdir() if re.fullmatch(r"epoch_\d+", p.name)]
+        return sorted(names, key=lambda p: int(p.name.split("_")[1]))
+
+    def save(self, states: TrainState, history: list[dict[str, Any]]) -> None:
+        """Saves the states after ``len(history)`` epochs (process 0), keeps only the newest."""
+        tree = flax.serialization.to_state_dict(_to_host(states))
+        if jax.process_index() == 0:
+            metadata = {"kind": "replica_train_state", "config": self.config, "history": history}
+            path = self.directory / f"epoch_{len(history):05d}"
+            save_pytree(path, tree, metadata=metadata, overwrite=True)
+            for old in self.found()[:-1]:
+                shutil.rmtree(old)
+        sync_processes("ifjax_replica_checkpoint")
+
+    def restore(self, states: TrainState, log) -> tuple[TrainState, list[dict[str, Any]]]:
+        """The newest checkpoint's states and history, or ``(states, [])`` if there is none."""
+        found = self.found()
+        if not found:
+            return states, []
+        tree, info = restore_pytree(found[-1])
+        if info.get("kind") != "replica_train_state":
+            raise ValueError(f"{found[-1]} is not a replica training checkpoint")
+        if info["config"] != json.loads(json.dumps(self.config)):
+            raise ValueError(
+                f"checkpoint {found[-1]} belongs to a replica training with settings "
+                f"{info['config']}, this one has {self.config}; remove {self.directory} "
+                "to start it over"
+            )
+        _check_matches(found[-1], tree, flax.serialization.to_state_dict(states))
+        history = [dict(record, restored=True) for record in info["history"]]
+        if log is not None:
+            log(f"replicas: resumed after epoch {len(history)} from {found[-1]}")
+        return flax.serialization.from_state_dict(states, jax.device_get(tree)), history
 
 
 _optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
@@ -428,9 +566,7 @@ _optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
 def _epoch_record(epoch: int, steps: int, sums, seconds: float) -> dict[str, Any]:
     if sums is None:
         raise ValueError(f"no training batch in epoch {epoch}")
-    if jax.process_count() > 1:
-        sums = multihost_utils.process_allgather(sums, tiled=True)
-    loss, accuracy = (np.asarray(x) / steps for x in jax.device_get(sums))
+    loss, accuracy = (np.asarray(x) / steps for x in _to_host(sums))
     return {
         "epoch": epoch + 1,
         "steps": steps,
