@@ -128,6 +128,77 @@ def test_sweep_compiles_the_evaluation_once(base, monkeypatch):
     assert len(traces) == 1  # the base model and all 16 cells share one compiled function
 
 
+def test_method_variants_equal_the_pruners_they_name(base):
+    """Sinkhorn and row-average variants are Intra-Fusion with that one setting changed."""
+    variables, test_set, batches = base
+    methods = tuple(sweep.METHOD_VARIANTS)
+    rows = sweep.datafree_sweep(
+        MODEL,
+        variables,
+        batches,
+        example_input=EXAMPLE,
+        groups=[1],
+        sparsities=(0.5,),
+        methods=methods,
+        progress=False,
+    )
+    assert [r["method"] for r in rows] == list(methods)
+    folded = ifjax.fold_batchnorm(variables, _groups(variables))
+    group = _groups(variables)[1]
+    pruners = {
+        "intra_fusion_sinkhorn": ifjax.intra_fusion(0.5, solver="sinkhorn"),
+        "intra_fusion_row_average": ifjax.intra_fusion(0.5, map_normalization="row_average"),
+    }
+    for row in rows[2:]:
+        pruner = pruners[row["method"]]
+        masked = pruner.apply(folded, group, pruner.plan(folded, group), masked=True)
+        assert row["top1"] == _top1_by_hand(MODEL, masked, test_set), row
+    # the row-averaged map changes the merged weights, so the function
+    exact = pruners["intra_fusion_row_average"]
+    reference = ifjax.intra_fusion(0.5)
+    a = exact.apply(folded, group, exact.plan(folded, group), masked=True)
+    b = reference.apply(folded, group, reference.plan(folded, group), masked=True)
+    assert not np.allclose(a["params"]["conv0"]["kernel"], b["params"]["conv0"]["kernel"])
+    with pytest.raises(ValueError, match="unknown method 'sinkhorn'"):
+        sweep.datafree_sweep(
+            MODEL, variables, batches, example_input=EXAMPLE, methods=("sinkhorn",)
+        )
+
+
+def test_an_interrupted_sweep_resumes_from_its_journal(base, tmp_path, monkeypatch):
+    variables, _, batches = base
+    kwargs = dict(example_input=EXAMPLE, sparsities=(0.25, 0.5), progress=False)
+    kwargs |= dict(importances=("l1", "random"), seed=7)
+    uninterrupted = sweep.datafree_sweep(MODEL, variables, batches, **kwargs)
+    journal = tmp_path / "sweep.jsonl"
+    original = training.evaluate
+    calls = []
+    interrupt = [True]
+
+    def interrupted_after_five(*args, **options):
+        calls.append(1)
+        if interrupt[0] and len(calls) == 1 + 5 + 1:  # the base model and five cells ran
+            raise KeyboardInterrupt
+        return original(*args, **options)
+
+    monkeypatch.setattr(training, "evaluate", interrupted_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.datafree_sweep(MODEL, variables, batches, journal=journal, **kwargs)
+    assert len(journal.read_text().splitlines()) == 5
+    with open(journal, "a") as file:
+        file.write('{"settings": {"solver"')  # a line cut short by the interruption
+    calls.clear()
+    interrupt[0] = False
+    resumed = sweep.datafree_sweep(MODEL, variables, batches, journal=journal, **kwargs)
+    assert len(calls) == 1 + len(uninterrupted) - 5  # only the missing cells ran
+    assert resumed == uninterrupted
+    with pytest.raises(ValueError, match="differing: seed"):
+        sweep.datafree_sweep(MODEL, variables, batches, journal=journal, **kwargs | {"seed": 8})
+    journal.write_text("not json\n" + journal.read_text())
+    with pytest.raises(ValueError, match="line 1 is corrupt"):
+        sweep.datafree_sweep(MODEL, variables, batches, journal=journal, **kwargs)
+
+
 def test_paper_lamp_scores_lamp_as_the_released_code(base):
     variables, _, batches = base
     kwargs = dict(example_input=EXAMPLE, groups=[0], sparsities=(0.5,), progress=False)
@@ -251,3 +322,15 @@ def test_paper_numbers_are_read_from_the_shared_csv(monkeypatch):
     assert paper.paper_datafree("vgg11_bn", "svhn") is None
     monkeypatch.setenv("IFJAX_PAPER_DIR", "")
     assert paper.paper_dir() is None and paper.paper_datafree("vgg11_bn", "cifar10") is None
+
+
+def test_papers_table_1_is_read_from_the_shared_csv(monkeypatch):
+    if paper.paper_dir() is None:
+        pytest.skip("../shared/paper is not here")
+    table = paper.paper_finetuned("resnet18", "cifar10_jpeg")
+    assert sorted(table) == [0.4, 0.6, 0.7, 0.8]
+    assert table[0.7] == (92.17, 90.41, 91.37)
+    assert paper.paper_finetuned("vgg11_bn", "cifar10")[0.6] == (89.56, 88.14, 88.51)
+    assert paper.paper_finetuned("vgg11_bn", "svhn") is None
+    monkeypatch.setenv("IFJAX_PAPER_DIR", "")
+    assert paper.paper_finetuned("vgg11_bn", "cifar10") is None

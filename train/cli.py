@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import ifjax
 from ifjax import GraphError
-from train import jobs
+from train import jobs, sweep
 from train.data import DatasetUnavailableError
 from train.training import SCHEDULES
 
@@ -175,7 +175,11 @@ def _add_datafree(commands) -> None:
         default=["l1", "lamp", "taylor"],
     )
     sub.add_argument(
-        "--methods", type=_choices(METHODS, "method"), default=["default", "intra_fusion"]
+        "--methods",
+        type=_choices(tuple(sweep.METHOD_VARIANTS), "method"),
+        default=["default", "intra_fusion"],
+        help="comma-separated: default, intra_fusion (with --solver), intra_fusion_sinkhorn, "
+        "intra_fusion_row_average",
     )
     _intra_fusion_options(sub)
     sub.add_argument(
@@ -187,6 +191,9 @@ def _add_datafree(commands) -> None:
     )
     sub.add_argument("--test-subset", type=_positive_int, help="random subset of test images")
     sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument(
+        "--restart", action="store_true", help="ignore the cells finished in --out/datafree.jsonl"
+    )
     _data_options(sub)
 
 
@@ -409,6 +416,7 @@ def _run_datafree(args: argparse.Namespace) -> None:
         paper_lamp=args.paper_lamp,
         test_subset=args.test_subset,
         seed=args.seed,
+        resume=not args.restart,
         **_data(args),
     )
     _report_datafree(result)

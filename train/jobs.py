@@ -413,6 +413,7 @@ def datafree(
     test_subset: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """The paper's data-free tables for a checkpoint (see :mod:`train.sweep`).
 
@@ -420,7 +421,9 @@ def datafree(
     the paper's numbers for this model and dataset are available.
 
     Writes ``out/datafree.csv``, ``out/datafree.md``, ``out/datafree.png`` (and
-    ``out/datafree_gain.png`` next to the paper's gains).
+    ``out/datafree_gain.png`` next to the paper's gains). Finished cells go to the
+    journal ``out/datafree.jsonl`` as they finish; with ``resume`` (the default) a sweep
+    started again skips them, otherwise the journal is started afresh.
 
     Returns:
       ``{"rows", "table" (markdown), "paths", "paper" (bool), "agreement"}``.
@@ -438,6 +441,9 @@ def datafree(
         )
         folded = ifjax.fold_batchnorm(restored.variables, all_groups)
         gradients = _taylor(restored, folded, name, data_dir, zip_path, seed)
+    journal = Path(out) / "datafree.jsonl"
+    if not resume:
+        journal.unlink(missing_ok=True)
     rows = sweep.datafree_sweep(
         restored.model,
         restored.variables,
@@ -453,6 +459,7 @@ def datafree(
         gradients=gradients,
         seed=seed,
         progress=progress,
+        journal=journal,
     )
     label = dict(model=model_name or restored.model.__class__.__name__, dataset=name)
     rows = sweep.add_paper_columns([label | row for row in rows], paper)

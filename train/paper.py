@@ -81,3 +81,34 @@ def paper_datafree(model: str | None, dataset: str | None) -> DatafreeTable | No
                 key = (int(row["group"]), round(float(row["sparsity"]), 6), row["importance"])
                 table[key] = (float(row["default_acc"]), float(row["intra_fusion_acc"]))
     return table or None
+
+
+# neuron sparsity of all groups -> (base, default, intra_fusion) top-1 %
+FinetunedTable = dict[float, tuple[float, float, float]]
+
+
+def paper_finetuned(model: str | None, dataset: str | None) -> FinetunedTable | None:
+    """The paper's Table 1 (all groups pruned, then fine-tuned) for one model and dataset.
+
+    Returns:
+      ``{neuron sparsity: (base, default, intra_fusion)}`` in percent, or None when the
+      paper has no such rows or its CSVs are not found.
+
+    Example:
+      >>> paper_finetuned("vgg11_bn", "cifar10")[0.6]
+      (89.56, 88.14, 88.51)
+    """
+    directory = paper_dir()
+    if model is None or dataset is None or directory is None:
+        return None
+    path = directory / "finetuned.csv"
+    if not path.is_file():
+        return None
+    table: FinetunedTable = {}
+    with open(path, newline="") as file:
+        for row in csv.DictReader(file):
+            if row["model"] == model and row["dataset"] == paper_dataset(dataset):
+                sparsity = round(float(row["neuron_sparsity_all_groups"]), 6)
+                values = (row["base_acc"], row["default_acc"], row["intra_fusion_acc"])
+                table[sparsity] = tuple(float(v) for v in values)
+    return table or None

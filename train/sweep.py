@@ -21,6 +21,7 @@ with ``lamp_released`` (column ``scoring``), so it can be compared with the pape
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import sys
@@ -41,6 +42,7 @@ from train.paper import DatafreeTable
 __all__ = [
     "CSV_COLUMNS",
     "METHOD_LABELS",
+    "METHOD_VARIANTS",
     "PAPER_COLUMNS",
     "add_paper_columns",
     "datafree_sweep",
@@ -69,7 +71,22 @@ CSV_COLUMNS = (
     "converged",
 )
 PAPER_COLUMNS = ("paper_default", "paper_intra_fusion", "paper_gain", "sign_agrees")
-METHOD_LABELS = {"default": "Default", "intra_fusion": "Intra-Fusion"}
+METHOD_LABELS = {
+    "default": "Default",
+    "intra_fusion": "Intra-Fusion",
+    "intra_fusion_sinkhorn": "Intra-Fusion (Sinkhorn)",
+    "intra_fusion_row_average": "Intra-Fusion (row average)",
+}
+# Sweep method -> (ifjax method, settings replacing the sweep's own). "intra_fusion" uses
+# the sweep's solver; the variants fix one setting each, so that one sweep can set the
+# exact solver, Sinkhorn and the row-averaged map side by side on the same cells.
+METHOD_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "default": ("default", {}),
+    "intra_fusion": ("intra_fusion", {}),
+    "intra_fusion_sinkhorn": ("intra_fusion", {"solver": "sinkhorn"}),
+    "intra_fusion_row_average": ("intra_fusion", {"map_normalization": "row_average"}),
+}
+_PAIR = {"default", "intra_fusion"}
 # ifjax importance -> the paper's name for the numbers it produced.
 _PAPER_IMPORTANCE = {"l1": "l1", "taylor": "taylor", "lamp_released": "lamp"}
 TAYLOR_BATCHES = 5
@@ -123,11 +140,13 @@ def taylor_gradients(
 
 
 def _pruner(method: str, sparsity: float, scoring: str, solver: str, epsilon: float):
-    if method == "default":
+    if method not in METHOD_VARIANTS:
+        raise ValueError(f"unknown method {method!r}; choose from {tuple(METHOD_VARIANTS)}")
+    kind, settings = METHOD_VARIANTS[method]
+    if kind == "default":
         return ifjax.default_pruning(sparsity, scoring)
-    if method == "intra_fusion":
-        return ifjax.intra_fusion(sparsity, scoring, solver=solver, epsilon=epsilon)
-    raise ValueError(f"unknown method {method!r}; choose 'default' or 'intra_fusion'")
+    options = dict(solver=solver, epsilon=epsilon) | settings
+    return ifjax.intra_fusion(sparsity, scoring, **options)
 
 
 def _cells(
@@ -172,6 +191,7 @@ def datafree_sweep(
     gradients: Mapping[str, Any] | None = None,
     seed: int = 0,
     progress: bool = True,
+    journal: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Prunes one group at a time, Default vs Intra-Fusion, and evaluates without fine-tuning.
 
@@ -183,13 +203,18 @@ def datafree_sweep(
       groups: "all" or group indices (0 = nearest the output).
       sparsities: fractions of a group's channels removed, each in [0, 1).
       importances: importance names ("l1", "lamp", "taylor", "random", ...).
-      methods: "default" and/or "intra_fusion".
+      methods: any of :data:`METHOD_VARIANTS`: "default", "intra_fusion" (with
+        ``solver``), "intra_fusion_sinkhorn", "intra_fusion_row_average".
       solver: Intra-Fusion's transport solver, "exact" or "sinkhorn".
       epsilon: Sinkhorn's relative entropic regularization.
       paper_lamp: score "lamp" with the released code's LAMP ("lamp_released").
       gradients: for taylor, from :func:`taylor_gradients` on the folded model.
       seed: seed of the keys of "random" importance.
       progress: show a progress bar (rate and ETA) on stderr.
+      journal: a JSON-lines file that every finished cell is appended to (flushed and
+        synced). A sweep started again with the same journal skips the cells it holds,
+        so an interrupted sweep resumes. The journal records the settings and the base
+        model's accuracy; a journal of other settings or another model is an error.
 
     Returns:
       One dict per (group, importance, sparsity, method) with ``group``, ``sparsity``,
@@ -207,30 +232,84 @@ def datafree_sweep(
     folded = ifjax.fold_batchnorm(variables, all_groups)
     base_top1 = 100 * training.evaluate(model, folded, eval_batches)["top1"]
     cells = _cells(selected, importances, sparsities, methods)
+    settings = dict(
+        solver=solver,
+        epsilon=epsilon,
+        paper_lamp=paper_lamp,
+        seed=seed,
+        base_top1=round(base_top1, 4),
+        images=sum(len(batch["label"]) for batch in eval_batches),
+    )
+    done = _read_journal(journal, settings) if journal is not None else {}
     rows = []
     bar = tqdm.tqdm(
         cells, desc="data-free sweep", unit="cell", disable=not progress, file=sys.stderr
     )
     for cell_index, (index, group, importance, sparsity, method) in enumerate(bar):
         bar.set_postfix_str(f"group {index} {importance} {sparsity:.0%} {method}")
+        finished = done.get((index, round(sparsity, 6), importance, method))
+        if finished is not None:
+            rows.append(finished)
+            continue
         pruner = _pruner(method, sparsity, scorings[importance], solver, epsilon)
         key = jax.random.fold_in(jax.random.key(seed), cell_index // len(methods))
         plan = pruner.plan(folded, group, gradients=gradients, key=key)
         masked = pruner.apply(folded, group, plan, masked=True)
         top1 = 100 * training.evaluate(model, masked, eval_batches)["top1"]
-        rows.append(
-            dict(
-                group=index,
-                sparsity=sparsity,
-                importance=importance,
-                method=method,
-                top1=top1,
-                base_top1=base_top1,
-                scoring=scorings[importance],
-                converged=bool(plan.converged),
-            )
+        row = dict(
+            group=index,
+            sparsity=sparsity,
+            importance=importance,
+            method=method,
+            top1=top1,
+            base_top1=base_top1,
+            scoring=scorings[importance],
+            converged=bool(plan.converged),
         )
+        rows.append(row)
+        if journal is not None:
+            _append_journal(journal, settings, row)
     return rows
+
+
+def _journal_key(row: Mapping[str, Any]) -> tuple[int, float, str, str]:
+    return _cell_key(row) + (str(row["method"]),)
+
+
+def _read_journal(path: str | os.PathLike, settings: Mapping[str, Any]) -> dict[tuple, dict]:
+    """The rows of a sweep journal, keyed by (group, sparsity, importance, method)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    done = {}
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            recorded, row = entry["settings"], entry["row"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            if number == len(lines):
+                continue  # a line cut short by an interruption: that cell runs again
+            raise ValueError(f"sweep journal {path} line {number} is corrupt: {error}") from None
+        differing = sorted(k for k in settings if recorded.get(k) != settings[k])
+        if differing:
+            raise ValueError(
+                f"sweep journal {path} was written with other settings or another model "
+                f"(differing: {', '.join(differing)}); use another journal or delete it"
+            )
+        done[_journal_key(row)] = row
+    return done
+
+
+def _append_journal(path: str | os.PathLike, settings: Mapping[str, Any], row: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        file.write(json.dumps(dict(settings=settings, row=row)) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _cell_key(row: Mapping[str, Any]) -> tuple[int, float, str]:
@@ -260,7 +339,7 @@ def add_paper_columns(
     for row in rows:
         row = dict(row)
         both = measured[_cell_key(row)]
-        has_both = {"default", "intra_fusion"} <= set(both)
+        has_both = _PAIR <= set(both)
         gain = both["intra_fusion"] - both["default"] if has_both else None
         row["gain"] = "" if gain is None else gain
         if paper is not None:
@@ -325,9 +404,10 @@ def _table_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             if any(method in c for c in cells):
                 values = [f"{c[method]:.2f}" if method in c else "" for c in cells]
                 lines.append(f"| {group} | {importance} | {label} | " + " | ".join(values) + " |")
-        if any(len(c) == 2 for c in cells):
+        if any(_PAIR <= set(c) for c in cells):
             gains = [
-                _format_gain(c["intra_fusion"] - c["default"]) if len(c) == 2 else "" for c in cells
+                _format_gain(c["intra_fusion"] - c["default"]) if _PAIR <= set(c) else ""
+                for c in cells
             ]
             lines.append(f"| {group} | {importance} | gain | " + " | ".join(gains) + " |")
         if any((group, s, importance) in paper for s in sparsities):
