@@ -19,7 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.layers import Conv
+from models.layers import Conv, max_pool
 
 
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
@@ -124,7 +124,7 @@ class ResNet(nn.Module):
             )(x)
         x = nn.relu(_batch_norm(train, "bn_init")(x))
         if not self.cifar_stem:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         index = 0
         for stage, size in enumerate(self.stage_sizes):
             for b in range(size):

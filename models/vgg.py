@@ -1,8 +1,9 @@
 """VGG with BatchNorm, CIFAR layout (as in the Intra-Fusion reference code).
 
 Convolutions are 3x3 with padding 1 (bias configurable, the reference uses bias), each
-followed by BatchNorm and ReLU; ``"M"`` entries are 2x2 max-pools. The classifier is one
-Dense layer on the flattened final feature map (1x1 for 32x32 inputs).
+followed by BatchNorm and ReLU; ``"M"`` entries are 2x2 max-pools
+(``models.layers.max_pool``: ``nn.max_pool`` with a faster gradient on CPU). The
+classifier is one Dense layer on the flattened final feature map (1x1 for 32x32 inputs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.layers import Conv
+from models.layers import Conv, max_pool
 
 VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -45,7 +46,7 @@ class VGG(nn.Module):
         index = 0
         for c in self.cfg:
             if c == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x, (2, 2), strides=(2, 2))
                 continue
             x = Conv(int(c), (3, 3), padding=1, use_bias=self.use_bias, name=f"conv{index}")(x)
             x = nn.BatchNorm(
