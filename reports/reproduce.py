@@ -256,10 +256,17 @@ def _disagreements(cells: Mapping[tuple, Mapping[str, Any]], limit: int = 15) ->
         for k, c in cells.items()
         if "paper_gain" in c and "intra_fusion" in c and _sign(_gain(c)) != _sign(c["paper_gain"])
     ]
+    unmatched = sorted({k[0] for k, c in cells.items() if "paper_gain" not in c})
+    note = (
+        [f"The paper has no numbers for group(s) {', '.join(map(str, unmatched))}.", ""]
+        if unmatched
+        else []
+    )
     if not differing:
-        return ["None: every compared cell has the paper's sign."]
+        return [*note, "None: every compared cell has the paper's sign."]
     differing.sort(key=lambda kc: -abs(kc[1]["paper_gain"] - _gain(kc[1])))
     lines = [
+        *note,
         f"{len(differing)} cells differ in sign; the {min(limit, len(differing))} with the "
         "largest difference between the gains:",
         "",
@@ -303,7 +310,7 @@ def _solver_lines(cells: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
 def _row_average_lines(cells: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
     both = [c for c in cells.values() if "intra_fusion" in c and "intra_fusion_row_average" in c]
     if not both:
-        return []
+        return ["Not run for this model (to fit the CPU budget, the ablation is VGG11-BN's)."]
     diff = np.array([c["intra_fusion_row_average"] - c["intra_fusion"] for c in both])
     better = int(np.sum(diff > 1e-6))
     return [
@@ -329,6 +336,11 @@ def _plot_gain_maps(cells: Mapping[tuple, Mapping[str, Any]], model: str, path: 
         ("intra_fusion_sinkhorn", "ours (Sinkhorn)"),
         ("intra_fusion_row_average", "ours (row-average)"),
         ("paper", "paper"),
+    ]
+    columns = [
+        (method, title)
+        for method, title in columns
+        if method == "paper" or any(method in c for c in cells.values())
     ]
     groups = sorted({k[0] for k in cells})
     figure, axes = plt.subplots(
