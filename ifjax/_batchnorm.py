@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ifjax._graph import Group, Writer
 from ifjax._tree import Path, tree_get, tree_replace
@@ -19,23 +21,25 @@ def _broadcast(vector: jnp.ndarray, ndim: int, axis: int) -> jnp.ndarray:
     return vector.reshape(shape)
 
 
-def _fold_writer(variables: Mapping[str, Any], writer: Writer) -> dict[Path, jnp.ndarray]:
+def _fold_writer(get, writer: Writer, xp: Any) -> dict[Path, Any]:
+    """The folded arrays of one layer; ``get(path)`` reads an array, ``xp`` is numpy or
+    jax.numpy."""
     bn = writer.batchnorm
-    mean, var = tree_get(variables, bn.mean), tree_get(variables, bn.var)
-    gamma = tree_get(variables, bn.scale) if bn.scale else jnp.ones_like(mean)
-    beta = tree_get(variables, bn.bias) if bn.bias else jnp.zeros_like(mean)
-    factor = gamma / jnp.sqrt(var)  # the reference folds without BatchNorm's epsilon
-    kernel = tree_get(variables, writer.kernel)
+    mean, var = get(bn.mean), get(bn.var)
+    gamma = get(bn.scale) if bn.scale else xp.ones_like(mean)
+    beta = get(bn.bias) if bn.bias else xp.zeros_like(mean)
+    factor = gamma / xp.sqrt(var)  # the reference folds without BatchNorm's epsilon
+    kernel = get(writer.kernel)
     updates = {writer.kernel: kernel * _broadcast(factor, kernel.ndim, writer.axis)}
-    bias = tree_get(variables, writer.bias) if writer.bias else jnp.zeros_like(mean)
+    bias = get(writer.bias) if writer.bias else xp.zeros_like(mean)
     folded_bias = (bias - mean) * factor + beta
     if writer.bias:
         updates[writer.bias] = folded_bias
-        folded_bias = jnp.zeros_like(mean)
-    updates[bn.mean] = jnp.zeros_like(mean)
-    updates[bn.var] = jnp.ones_like(var)
+        folded_bias = xp.zeros_like(mean)
+    updates[bn.mean] = xp.zeros_like(mean)
+    updates[bn.var] = xp.ones_like(var)
     if bn.scale:
-        updates[bn.scale] = jnp.ones_like(gamma)
+        updates[bn.scale] = xp.ones_like(gamma)
     if bn.bias:
         updates[bn.bias] = folded_bias
     elif writer.bias is None:
@@ -65,9 +69,29 @@ def fold_batchnorm(variables: Mapping[str, Any], groups: Sequence[Group]) -> dic
       >>> groups = discover_groups(model, variables, x)
       >>> folded = fold_batchnorm(variables, groups)
     """
-    updates: dict[Path, jnp.ndarray] = {}
-    for group in groups:
-        for writer in group.writers:
-            if writer.batchnorm is not None:
-                updates.update(_fold_writer(variables, writer))
+    writers = [w for group in groups for w in group.writers if w.batchnorm is not None]
+    get = lambda path: tree_get(variables, path)
+    leaves = jax.tree.leaves(variables)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        xp = jnp  # traced (e.g. under jit): part of the caller's computation
+    else:
+        # numpy on the host. Eager jax.numpy compiles every operation and shape on its
+        # own (26 compilations for VGG11-BN); jit-compiled as one function, XLA rewrites
+        # them into rsqrt and multiply-adds, which change the last bit. numpy rounds each
+        # operation as eager XLA does, and compiles nothing.
+        xp, get = np, lambda path: np.asarray(tree_get(variables, path))
+    updates: dict[Path, Any] = {}
+    for writer in writers:
+        updates.update(_fold_writer(get, writer, xp))
+    if xp is np:
+        updates = {path: _placed_like(v, tree_get(variables, path)) for path, v in updates.items()}
     return tree_replace(variables, updates)
+
+
+def _placed_like(value: np.ndarray, original: Any) -> jax.Array:
+    """``value`` as a JAX array (``device_put``: ``jnp.asarray`` would compile a copy per
+    shape), sharded like ``original`` if that spans several devices."""
+    sharding = None
+    if isinstance(original, jax.Array) and len(original.sharding.device_set) > 1:
+        sharding = original.sharding
+    return jax.device_put(value, sharding)

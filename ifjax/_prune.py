@@ -21,13 +21,15 @@ from ifjax._batchnorm import fold_batchnorm
 from ifjax._channels import channel_features, group_size
 from ifjax._graph import Group, discover_groups
 from ifjax._importance import IMPORTANCES, group_importance
-from ifjax._merge import merge_group
+from ifjax._local import localize
+from ifjax._merge import masked_maps, merge_group, merge_group_masked
 from ifjax._transport import (
     ExactSolver,
     SinkhornSolver,
     l1_cost,
     marginals,
     normalize_rows,
+    source_marginal,
     transport_map,
 )
 from ifjax._validate import check_group, check_sparsity, check_variables_finite
@@ -89,25 +91,50 @@ def _kmeans(features: jnp.ndarray, init: jnp.ndarray, steps: int = 50) -> jnp.nd
     return jax.lax.scan(step, init, None, length=steps)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("group", "config"))
-def _problem(variables, group: Group, config: _Config, gradients, key, scores):
-    """Importance, keep set and the transport problem (cost, marginals) of one group."""
-    n = group_size(variables, group)
-    m = keep_count(n, config.sparsity)
+@functools.partial(jax.jit, static_argnames=("group", "importance", "marginal"))
+def _scores(variables, group: Group, importance: str, marginal: str | None, gradients, key, scores):
+    """What does not depend on the sparsity: importance, and for Intra-Fusion
+    (``marginal`` given) the channel features and the source marginal. ``variables``
+    holds the group's arrays only (see ``ifjax._local``).
+
+    The source marginal is computed here, with the importance it divides, and the
+    features are normalized in :func:`_problem`, with the cost they enter: XLA then
+    simplifies and fuses them as it did when everything was one compiled function, so
+    the results stay the same to the bit.
+    """
     if scores is None:
-        scores = group_importance(variables, group, config.importance, gradients=gradients, key=key)
+        scores = group_importance(variables, group, importance, gradients=gradients, key=key)
+    if marginal is None:
+        return scores, None, None
+    return scores, channel_features(variables, group), source_marginal(marginal, scores)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "marginal", "target"))
+def _problem(scores, features, a, m: int, marginal: str | None, target: str):
+    """Keep set and (for Intra-Fusion) the transport problem (cost, marginals) of one
+    group at m channels."""
+    n = scores.shape[0]
     keep = jnp.sort(jnp.argsort(scores, stable=True)[n - m :])
-    if config.method == "default":
+    if marginal is None:
         return keep, scores, None, None, None
-    features = normalize_rows(channel_features(variables, group))
+    features = normalize_rows(features)
     targets = features[keep]
-    if config.target == "centroids":
+    if target == "centroids":
         targets = _kmeans(features, targets)
-    a, b = marginals(config.marginals, scores, keep)
+    _, b = marginals(marginal, scores, keep)
     return keep, scores, l1_cost(features, targets), a, b
 
 
-def _solve(config: _Config, keep, scores, cost, a, b) -> PrunePlan:
+@dataclasses.dataclass(frozen=True)
+class _Solving:
+    """The settings :func:`_solve` depends on (so pruners differing otherwise share it)."""
+
+    method: str
+    solver: Any
+    map_normalization: str
+
+
+def _solve(config: _Solving, keep, scores, cost, a, b) -> PrunePlan:
     """Transport plan -> maps. Pure; vmapped over same-sized problems by plan_groups."""
     if config.method == "default":
         selection = jax.nn.one_hot(keep, scores.shape[0], dtype=jnp.float32)
@@ -121,12 +148,33 @@ def _solve(config: _Config, keep, scores, cost, a, b) -> PrunePlan:
 
 
 _solve_one = jax.jit(_solve, static_argnums=0)
-_solve_batch = jax.jit(jax.vmap(_solve, in_axes=(None, 0, 0, 0, 0, 0)), static_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnames=("group", "masked"))
-def _apply(variables, group: Group, plan: PrunePlan, masked: bool):
-    return merge_group(variables, group, plan.writer_map, plan.reader_map, plan.keep, masked=masked)
+@functools.partial(jax.jit, static_argnums=0)
+def _solve_batch(config: _Solving, problems: tuple) -> list[PrunePlan]:
+    """Same-sized problems stacked, solved by one vmapped :func:`_solve` and split into
+    one plan each, in one compiled function (eagerly, stacking and indexing would compile
+    an operation per array, shape and index)."""
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *problems)
+    batch = jax.vmap(_solve, in_axes=(None, 0, 0, 0, 0, 0))(config, *stacked)
+    return [jax.tree.map(lambda x, j=j: x[j], batch) for j in range(len(problems))]
+
+
+@functools.partial(jax.jit, static_argnames="group")
+def _apply(variables, group: Group, writer_map, reader_map, keep):
+    """Physical form, on the group's arrays only: compiled once per group structure,
+    shapes and m (the results have m channels)."""
+    return merge_group(variables, group, writer_map, reader_map, keep)
+
+
+@functools.partial(jax.jit, static_argnames="group")
+def _apply_masked(variables, group: Group, writer_map, reader_map, kept):
+    """Masked form from (n, n) maps: compiled once per group structure and shapes,
+    whatever the sparsity."""
+    return merge_group_masked(variables, group, writer_map, reader_map, kept)
+
+
+_masked_maps = jax.jit(masked_maps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +187,10 @@ class _Config:
     solver: Any
     map_normalization: str
 
+    @property
+    def solving(self) -> _Solving:
+        return _Solving(self.method, self.solver, self.map_normalization)
+
 
 class Pruner(NamedTuple):
     """A pair of pure functions (like an optax GradientTransformation).
@@ -146,7 +198,10 @@ class Pruner(NamedTuple):
     ``plan(variables, group, *, gradients=None, key=None, scores=None) -> PrunePlan``
     (``scores``, (n,), replaces the importance metric when given) and
     ``apply(variables, group, plan, *, masked=False) -> variables``. Both are
-    jit-compiled and do not recompile for a repeated call with the same shapes.
+    jit-compiled and do not recompile for a repeated call with the same shapes. The
+    compiled functions take only the arrays of the group, so groups of the same
+    structure and shapes share them; a group's importance and features, and the masked
+    ``apply``, compile once for every sparsity.
     ``plan_groups(variables, groups, ...) -> list[PrunePlan]`` plans several groups of
     the same variables independently, solving same-sized transport problems together
     in one vmapped call.
@@ -170,16 +225,37 @@ def _make_solver(solver: str | Any, epsilon, max_iterations, threshold):
 def _pruner(config: _Config) -> Pruner:
     def problem(variables, group, gradients, key, scores=None):
         check_group(variables, group)
+        n = group_size(variables, group)
         if scores is not None:
             scores = jnp.asarray(scores, jnp.float32)
-            if scores.shape != (group_size(variables, group),):
-                raise ValueError(f"scores must have shape (n,) = ({group_size(variables, group)},)")
+            if scores.shape != (n,):
+                raise ValueError(f"scores must have shape (n,) = ({n},)")
         elif key is None and config.importance == "random":
             raise ValueError("importance='random' needs a PRNG key")
-        return _problem(variables, group, config, gradients, key, scores)
+        m = keep_count(n, config.sparsity)
+        marginal = None if config.method == "default" else config.marginals
+        features = a = None
+        if scores is None or marginal is not None:
+            # compiled per group structure and shapes, shared by every sparsity
+            local = localize(group)
+            if config.importance != "taylor" or gradients is None:
+                gradients = None
+            else:
+                gradients = local.gather(gradients, kernels_only=True)
+            key = key if config.importance == "random" else None
+            scores, features, a = _scores(
+                local.gather(variables),
+                local.group,
+                config.importance,
+                marginal,
+                gradients,
+                key,
+                scores,
+            )
+        return _problem(scores, features, a, m, marginal, config.target)
 
     def plan(variables, group, *, gradients=None, key=None, scores=None):
-        return _solve_one(config, *problem(variables, group, gradients, key, scores))
+        return _solve_one(config.solving, *problem(variables, group, gradients, key, scores))
 
     def plan_groups(variables, groups, *, gradients=None, key=None):
         problems = []
@@ -191,15 +267,21 @@ def _pruner(config: _Config) -> Pruner:
             buckets.setdefault((p[1].shape[0], p[0].shape[0]), []).append(i)
         plans: list[Any] = [None] * len(problems)
         for members in buckets.values():
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(problems[i] for i in members))
-            batch = _solve_batch(config, *stacked)
-            for j, i in enumerate(members):
-                plans[i] = jax.tree.map(lambda x, j=j: x[j], batch)
+            solved = _solve_batch(config.solving, tuple(problems[i] for i in members))
+            for i, plan in zip(members, solved, strict=True):
+                plans[i] = plan
         return plans
 
     def apply(variables, group, plan, *, masked=False):
         check_group(variables, group)
-        return _apply(variables, group, plan, masked)
+        local = localize(group)
+        arrays = local.gather(variables)
+        if masked:
+            maps = _masked_maps(plan.writer_map, plan.reader_map, plan.keep)
+            merged = _apply_masked(arrays, local.group, *maps)
+        else:
+            merged = _apply(arrays, local.group, plan.writer_map, plan.reader_map, plan.keep)
+        return local.scatter(variables, merged)
 
     return Pruner(plan, apply, plan_groups)
 

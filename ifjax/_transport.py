@@ -39,17 +39,25 @@ def l1_cost(x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
     return jax.lax.map(lambda row: jnp.sum(jnp.abs(y - row), axis=1), x, batch_size=16)
 
 
+def source_marginal(kind: str, importance: jnp.ndarray) -> jnp.ndarray:
+    """Source masses (n,) of :func:`marginals`; they do not depend on the keep set."""
+    if kind == "uniform":
+        return jnp.full(importance.shape, 1.0 / importance.shape[0])
+    if kind == "importance":
+        return importance / jnp.sum(importance)
+    raise ValueError(f"unknown marginals {kind!r}; choose 'uniform' or 'importance'")
+
+
 def marginals(
     kind: str, importance: jnp.ndarray, keep: jnp.ndarray
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Source (n,) and target (m,) masses: "uniform" or "importance"."""
-    n, m = importance.shape[0], keep.shape[0]
+    a = source_marginal(kind, importance)
     if kind == "uniform":
-        return jnp.full((n,), 1.0 / n), jnp.full((m,), 1.0 / m)
-    if kind == "importance":
-        kept = importance[keep]
-        return importance / jnp.sum(importance), kept / jnp.sum(kept)
-    raise ValueError(f"unknown marginals {kind!r}; choose 'uniform' or 'importance'")
+        m = keep.shape[0]
+        return a, jnp.full((m,), 1.0 / m)
+    kept = importance[keep]
+    return a, kept / jnp.sum(kept)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,24 @@ def test_fold_batchnorm_preserves_outputs(name, request):
             np.testing.assert_array_equal(tree_get(folded, w.batchnorm.mean), 0.0)
 
 
+def test_fold_batchnorm_rounds_like_eager_jax_and_traces(tiny_vgg):
+    """Folding runs in numpy (nothing to compile) with the bits of one XLA operation at a
+    time, and under jit as part of the caller's computation."""
+    model, variables, x, groups, folded = _setup(tiny_vgg)
+    writer = groups[1].writers[0]
+    bn = writer.batchnorm
+    get = lambda path: tree_get(variables, path)
+    factor = get(bn.scale) / jnp.sqrt(get(bn.var))
+    np.testing.assert_array_equal(tree_get(folded, writer.kernel), get(writer.kernel) * factor)
+    bias = (get(writer.bias) - get(bn.mean)) * factor + get(bn.bias)
+    np.testing.assert_array_equal(tree_get(folded, writer.bias), bias)
+    assert isinstance(tree_get(folded, writer.kernel), jax.Array)
+    traced = jax.jit(lambda v: ifjax.fold_batchnorm(v, groups))(variables)
+    assert jax.tree.structure(traced) == jax.tree.structure(folded)
+    for a, b in zip(jax.tree.leaves(traced), jax.tree.leaves(folded), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_default_pruning_equals_slicing(tiny_resnet):
     model, _, x, groups, folded = _setup(tiny_resnet)
     group = groups[3]
@@ -111,26 +129,58 @@ def test_prune_all_groups_shrinks_every_group(tiny_resnet):
         assert plan.keep.shape == (group.size // 2,)
 
 
+def _cache_sizes():
+    from ifjax import _prune
+
+    functions = (
+        _prune._scores,
+        _prune._problem,
+        _prune._solve_one,
+        _prune._apply,
+        _prune._apply_masked,
+        _prune._masked_maps,
+    )
+    return [f._cache_size() for f in functions]
+
+
 def test_no_recompilation_on_repeated_calls(tiny_vgg):
     model, variables, x, groups, folded = _setup(tiny_vgg)
     pruner = ifjax.intra_fusion(0.5)
     pruner.plan(folded, groups[1])
     pruner.apply(folded, groups[1], pruner.plan(folded, groups[1]))
-    from ifjax import _prune
-
-    sizes = (
-        _prune._problem._cache_size(),
-        _prune._solve_one._cache_size(),
-        _prune._apply._cache_size(),
-    )
+    pruner.apply(folded, groups[1], pruner.plan(folded, groups[1]), masked=True)
+    sizes = _cache_sizes()
     other = jax.tree.map(lambda a: a * 1.5, folded)  # new values, same shapes
     again = ifjax.intra_fusion(0.5)  # a new pruner with the same settings
     again.apply(other, groups[1], again.plan(other, groups[1]))
-    assert (
-        _prune._problem._cache_size(),
-        _prune._solve_one._cache_size(),
-        _prune._apply._cache_size(),
-    ) == sizes
+    again.apply(other, groups[1], again.plan(other, groups[1]), masked=True)
+    assert _cache_sizes() == sizes
+
+
+def test_compilations_are_shared_by_groups_and_sparsities():
+    """Groups of equal structure and shapes share their compiled functions; the
+    sparsity-independent part of a plan and the masked merge compile once per group."""
+    from models import VGG
+    from tests.conftest import random_variables
+
+    # conv1 -> conv2 and conv2 -> conv3 have the same structure and shapes
+    model = VGG(cfg=(8, "M", 8, 8, 8, "M"), num_classes=3)
+    x = jnp.zeros((1, 8, 8, 3))
+    variables = random_variables(model, x)
+    groups = ifjax.discover_groups(model, variables, x)
+    folded = ifjax.fold_batchnorm(variables, groups)
+    twins = [g for g in groups if g.writers[0].module in (("conv1",), ("conv2",))]
+    assert len(twins) == 2
+    pruner = ifjax.intra_fusion(0.5)
+    pruner.apply(folded, twins[0], pruner.plan(folded, twins[0]), masked=True)
+    sizes = _cache_sizes()
+    pruner.apply(folded, twins[1], pruner.plan(folded, twins[1]), masked=True)
+    assert _cache_sizes() == sizes
+    for sparsity in (0.25, 0.75):  # other m: only _problem, _solve_one, _masked_maps
+        pruner = ifjax.intra_fusion(sparsity)
+        pruner.apply(folded, twins[1], pruner.plan(folded, twins[1]), masked=True)
+    grown = [after - before for before, after in zip(sizes, _cache_sizes(), strict=True)]
+    assert grown == [0, 2, 2, 0, 0, 2]
 
 
 def test_plan_groups_batches_same_sized_problems(tiny_resnet):
