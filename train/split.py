@@ -48,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import os
 import re
 import shutil
@@ -72,6 +71,7 @@ from train.training import (
     TrainState,
     _check_matches,
     _fixed_size_batches,
+    check_checkpoint_identity,
     create_train_state,
     eval_step,
     make_optimizer,
@@ -545,14 +545,15 @@ class _ReplicaCheckpoints:
         if not found:
             return states, []
         tree, info = restore_pytree(found[-1])
-        if info.get("kind") != "replica_train_state":
-            raise ValueError(f"{found[-1]} is not a replica training checkpoint")
-        if info["config"] != json.loads(json.dumps(self.config)):
-            raise ValueError(
-                f"checkpoint {found[-1]} belongs to a replica training with settings "
-                f"{info['config']}, this one has {self.config}; remove {self.directory} "
-                "to start it over"
-            )
+        check_checkpoint_identity(
+            found[-1],
+            info,
+            self.config,
+            kind="replica_train_state",
+            what="replica training",
+            owner="replica training with settings",
+            fix=f"remove {self.directory} to start it over",
+        )
         _check_matches(found[-1], tree, flax.serialization.to_state_dict(states))
         history = [dict(record, restored=True) for record in info["history"]]
         if log is not None:

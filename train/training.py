@@ -476,15 +476,40 @@ def _check_matches(path: Path, restored: Mapping[str, Any], template: Mapping[st
             )
 
 
+def check_checkpoint_identity(
+    path: Path,
+    info: Mapping[str, Any],
+    config: Mapping[str, Any],
+    *,
+    kind: str,
+    what: str,
+    owner: str,
+    fix: str,
+) -> None:
+    """Raises a ValueError unless a training checkpoint is of ``kind`` and ``config``.
+
+    ``config`` is compared as it was stored (through JSON). For the messages: ``what``
+    names the checkpoint kind, ``owner`` the run it belongs to, ``fix`` how to start over.
+    """
+    if info.get("kind") != kind:
+        raise ValueError(f"{path} is not a {what} checkpoint")
+    if info["config"] != json.loads(json.dumps(config)):
+        raise ValueError(
+            f"checkpoint {path} belongs to a {owner} {info['config']}, this one has {config}; {fix}"
+        )
+
+
 def _restore_checkpoint(path: Path, run: _Run, fit_: _Fit) -> _Run:
     tree, info = restore_pytree(path)
-    if info.get("kind") != "train_state":
-        raise ValueError(f"{path} is not a training checkpoint")
-    if info["config"] != json.loads(json.dumps(fit_.config)):
-        raise ValueError(
-            f"checkpoint {path} belongs to a run with config {info['config']}, this run has "
-            f"{fit_.config}; use another workdir to start a new run"
-        )
+    check_checkpoint_identity(
+        path,
+        info,
+        fit_.config,
+        kind="train_state",
+        what="training",
+        owner="run with config",
+        fix="use another workdir to start a new run",
+    )
     _check_matches(path, tree, flax.serialization.to_state_dict(run.state))
     state = flax.serialization.from_state_dict(run.state, tree)
     return _Run(
