@@ -13,8 +13,12 @@ VGG11-BN and ResNet18 of ``models/`` (convolutions with bias, BatchNorm, same wi
 Candidates, all measured in one process, interleaved (one measurement of each per round):
 
 * ``ifjax xla``: ``train.training.train_step``/``eval_step`` with ``IFJAX_CONV=xla``,
-  i.e. plain ``nn.Conv`` (``lax.conv_general_dilated``): before the fast path;
-* ``ifjax auto``: the same with the CPU fast path of ``models/layers.py`` (the default);
+  i.e. plain ``nn.Conv`` (``lax.conv_general_dilated``), compiled with jaxlib's default
+  XLA:CPU options: JAX as installed, before ifjax's changes;
+* ``ifjax auto``: the same with the CPU fast path of ``models/layers.py`` and the XLA:CPU
+  options of ``models.layers.XLA_CPU_OPTIONS`` (ifjax's defaults);
+* optional modes (``--modes``): ``auto-jaxlib-flags`` (fast path, jaxlib's options) and
+  ``xla-ifjax-flags`` (plain convolutions, ifjax's options) separate the two changes;
 * ``torch``: SGD step (momentum 0.9, weight decay 5e-4, cross-entropy) and
   ``inference_mode`` evaluation (logits, loss, accuracy) of the PyTorch network.
 
@@ -49,6 +53,7 @@ from bench.common import (  # noqa: E402
     median_ratio,
     stopwatch,
 )
+from models.layers import XLA_CPU_DEFAULT_OPTIONS, XLA_CPU_OPTIONS  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from models.vgg import VGG11_CFG  # noqa: E402
 from train import training  # noqa: E402
@@ -57,6 +62,17 @@ __all__ = ["main", "torch_resnet18", "torch_vgg11_bn"]
 
 MODELS = ("vgg11_bn", "resnet18")
 MODES = ("xla", "auto")
+#: mode -> (IFJAX_CONV, XLA:CPU compile options). ``xla``: plain ``nn.Conv``/``nn.max_pool``
+#: and jaxlib's default options (YNNPACK convolutions), i.e. JAX as installed; ``auto``: ifjax
+#: (fast path and :data:`models.layers.XLA_CPU_OPTIONS`); ``auto-jaxlib-flags`` and
+#: ``xla-ifjax-flags`` separate the two changes; ``matmul``: the matmul path everywhere.
+MODE_SETTINGS = {
+    "xla": ("xla", XLA_CPU_DEFAULT_OPTIONS),
+    "auto": ("auto", XLA_CPU_OPTIONS),
+    "auto-jaxlib-flags": ("auto", XLA_CPU_DEFAULT_OPTIONS),
+    "xla-ifjax-flags": ("xla", XLA_CPU_OPTIONS),
+    "matmul": ("matmul", XLA_CPU_OPTIONS),
+}
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -147,8 +163,9 @@ def _torch_functions(name: str, images: np.ndarray, labels: np.ndarray):
 # ----------------------------------------------------------------------------- ifjax
 
 
-def _fresh_jits():
-    """New jits of ``train_step``/``eval_step``, traced afresh under the current ``IFJAX_CONV``.
+def _fresh_jits(options: dict[str, str]):
+    """New jits of ``train_step``/``eval_step``, traced afresh under the current ``IFJAX_CONV``
+    and compiled with these XLA options.
 
     JAX caches traces by the Python function (and static arguments), not by the ``jit``
     object, so each mode needs its own function objects, not just new ``jax.jit`` wrappers.
@@ -161,8 +178,8 @@ def _fresh_jits():
         return training.eval_step.__wrapped__(variables, batch, model=model)
 
     return (
-        jax.jit(train_step, static_argnames=("model", "optimizer")),
-        jax.jit(eval_step, static_argnames=("model",)),
+        jax.jit(train_step, static_argnames=("model", "optimizer"), compiler_options=options),
+        jax.jit(eval_step, static_argnames=("model",), compiler_options=options),
     )
 
 
@@ -171,10 +188,11 @@ def _jax_functions(name: str, mode: str, images: np.ndarray, labels: np.ndarray)
     model = create_model(name)
     batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
     optimizer = training.make_optimizer("base", steps_per_epoch=391, epochs=300)
-    with conv_implementation(mode):
+    conv, options = MODE_SETTINGS[mode]
+    with conv_implementation(conv):
         variables = model.init(jax.random.key(0), batch["image"][:1])
         state = training.create_train_state(model, variables, optimizer)
-        train_step, eval_step = _fresh_jits()
+        train_step, eval_step = _fresh_jits(options)
         first_train = stopwatch(
             lambda: jax.block_until_ready(
                 train_step(state, batch, model=model, optimizer=optimizer)
@@ -266,9 +284,7 @@ def _table(results: list[dict[str, Any]], modes, torch: bool) -> str:
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument(
-        "--modes", nargs="+", default=list(MODES), choices=("xla", "auto", "matmul")
-    )
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODE_SETTINGS))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--train-steps", type=int, default=2, help="steps per measurement")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -47,16 +48,35 @@ __all__ = [
     "ALL_XLA",
     "CONV_IMPLEMENTATIONS",
     "CONV_VARIABLE",
+    "FLAGS_VARIABLE",
+    "XLA_CPU_DEFAULT_OPTIONS",
+    "XLA_CPU_OPTIONS",
     "Conv",
     "ConvPaths",
     "choose_paths",
     "conv_general_dilated",
+    "configure_xla_cpu",
     "conv_implementation",
     "dispatch_conv_general_dilated",
     "max_pool",
 ]
 
 CONV_VARIABLE = "IFJAX_CONV"
+FLAGS_VARIABLE = "IFJAX_XLA_CPU_FLAGS"
+#: XLA:CPU options ifjax sets (see :func:`configure_xla_cpu`): library fusions (YNNPACK) for
+#: matrix products and reductions, but not for convolutions.
+XLA_CPU_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": (
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+    ),
+}
+#: The same options as jaxlib 0.10's defaults (YNNPACK for convolutions too): the "before".
+XLA_CPU_DEFAULT_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": (
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,"
+        "LIBRARY_FUSION_TYPE_REDUCE"
+    ),
+}
 CONV_IMPLEMENTATIONS = ("auto", "xla", "matmul")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -89,6 +109,71 @@ def conv_implementation() -> str:
     return value
 
 
+def _jaxlib_knows(strings: Sequence[str]) -> bool:
+    """Whether jaxlib's XLA library contains every string (flag and enum value names).
+
+    An unknown flag in ``XLA_FLAGS`` aborts the process when the backend starts, so a flag
+    is only set when the installed jaxlib is seen to define it.
+    """
+    import mmap
+
+    import jaxlib
+
+    libraries = sorted(Path(jaxlib.__file__).parent.glob("libjax_common*.so*"))
+    libraries = libraries or sorted(Path(jaxlib.__file__).parent.glob("*xla_extension*.so*"))
+    for library in libraries:
+        try:
+            with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if all(m.find(text.encode()) >= 0 for text in strings):
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def configure_xla_cpu(force: bool = False) -> list[str]:
+    """Adds :data:`XLA_CPU_OPTIONS` to ``XLA_FLAGS`` before JAX starts its backends.
+
+    jaxlib 0.10 hands convolutions on the CPU to YNNPACK library fusions. On the 2-core
+    x86 machine of ``bench/README.md`` those are up to 4x slower than XLA's own
+    convolutions for kernel gradients, and a ResNet18 training step 1.5x slower in all;
+    matrix products and reductions stay with YNNPACK. ``import models`` calls this, so
+    models built with ifjax and jitted anywhere in the process get it. Nothing is
+    changed when
+
+    * JAX's backends are already initialised (flags are read once, at start-up; pass
+      the options per computation instead: ``jax.jit(f, compiler_options=XLA_CPU_OPTIONS)``);
+    * ``XLA_FLAGS`` already names the flag (the user's choice wins);
+    * ``IFJAX_XLA_CPU_FLAGS=0`` or ``IFJAX_CONV=xla`` (plain XLA, the "before" of the
+      benchmarks);
+    * the installed jaxlib does not define the flag or its values (an unknown flag
+      would abort the process).
+
+    The flags only change how XLA:CPU compiles; results are equal to float tolerance.
+
+    Args:
+      force: set the flags even if ``IFJAX_XLA_CPU_FLAGS``/``IFJAX_CONV`` say not to
+        (the backend and ``XLA_FLAGS`` checks still apply).
+
+    Returns:
+      The flags added (empty when nothing changed).
+    """
+    from jax._src import xla_bridge
+
+    setting = os.environ.get(FLAGS_VARIABLE, "1").strip().lower()
+    if not force and (setting in ("0", "false", "no", "off") or conv_implementation() == "xla"):
+        return []
+    if xla_bridge.backends_are_initialized():
+        return []
+    current = os.environ.get("XLA_FLAGS", "")
+    flags = [f"--{name}={value}" for name, value in XLA_CPU_OPTIONS.items() if name not in current]
+    names = [*XLA_CPU_OPTIONS, *",".join(XLA_CPU_OPTIONS.values()).split(",")]
+    if not flags or not _jaxlib_knows(names):
+        return []
+    os.environ["XLA_FLAGS"] = " ".join([current, *flags]).strip()
+    return flags
+
+
 def _output_size(size: int, kernel: int, stride: int, padding: tuple[int, int]) -> int:
     return (size + padding[0] + padding[1] - kernel) // stride + 1
 
@@ -101,19 +186,18 @@ def choose_paths(
 ) -> ConvPaths:
     """The faster paths on XLA:CPU for a 2-D convolution of these static shapes.
 
-    Measured rules (batch 128, whole training steps of VGG11-BN and ResNet18, see
-    ``bench/README.md``):
+    Measured rules (batch 128, isolated layers and whole training steps of VGG11-BN and
+    ResNet18, with the XLA flags of :func:`configure_xla_cpu`; see ``bench/README.md``):
 
     * an output map smaller than the kernel (e.g. 3x3 on a 2x2 map, padding 1): XLA is
       10x-200x slower in the forward pass and the input gradient, so all matmul;
     * 1x1 kernels: a plain matrix product (of strided slices for stride 2) is faster in
-      every direction;
-    * few input channels (<= 16, the RGB stem): the kernel gradient as one matmul of the
-      (small) patches with the output gradient, ~3x faster than XLA's;
-    * otherwise XLA in every direction. A matmul kernel gradient elsewhere was as fast
-      as XLA's at best (isolated layers: up to 2x slower; whole ResNet18/VGG11 steps:
-      within the +-5% noise of the shared machine), since the 9x larger patches cost
-      as much memory traffic as XLA's transposed activations.
+      the input and kernel gradients and as fast in the forward pass;
+    * strided kernels and output maps of at most 16 positions (4x4): the input gradient as
+      a matmul. XLA computes a strided input gradient as a convolution of the dilated
+      output gradient (up to 1.5x slower) and is 1.6x slower on 4x4 maps;
+    * otherwise XLA in every direction: a materialised patch matrix is 9x larger than
+      the activations and memory bound on a CPU, so XLA's kernels win (up to 6x).
 
     Args:
       input_shape: (N, H, W, I).
@@ -129,8 +213,8 @@ def choose_paths(
     out_w = _output_size(input_shape[2], kw, strides[1], padding[1])
     if (kh, kw) == (1, 1) or out_h < kh or out_w < kw:
         return ALL_MATMUL
-    if input_shape[3] <= 16:
-        return ConvPaths("xla", "xla", "matmul")
+    if max(strides) > 1 or out_h * out_w <= 16:
+        return ConvPaths("xla", "matmul", "xla")
     return ALL_XLA
 
 

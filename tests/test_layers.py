@@ -1,5 +1,10 @@
 """models.layers: the CPU-fast Conv equals lax.conv_general_dilated, forward and gradients."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +14,17 @@ from jax import lax
 
 import ifjax
 from models import VGG, layers, resnet18
-from models.layers import ALL_MATMUL, ALL_XLA, Conv, ConvPaths, choose_paths, max_pool
+from models.layers import (
+    ALL_MATMUL,
+    ALL_XLA,
+    CONV_VARIABLE,
+    FLAGS_VARIABLE,
+    XLA_CPU_OPTIONS,
+    Conv,
+    ConvPaths,
+    choose_paths,
+    max_pool,
+)
 from tests.tree_asserts import assert_trees_equal
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -85,10 +100,76 @@ def test_choose_paths_follows_the_measured_rules():
         ALL_MATMUL
     )
     assert choose_paths((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), same) == ALL_XLA
-    assert choose_paths((128, 32, 32, 3), (3, 3, 3, 64), (1, 1), same) == (
-        ConvPaths("xla", "xla", "matmul")
-    )
+    assert choose_paths((128, 32, 32, 3), (3, 3, 3, 64), (1, 1), same) == ALL_XLA
     assert choose_paths((128, 8, 8, 256), (3, 3, 256, 256), (1, 1), same) == ALL_XLA
+    matmul_input_grad = ConvPaths("xla", "matmul", "xla")
+    assert choose_paths((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), same) == matmul_input_grad
+    assert choose_paths((128, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == matmul_input_grad
+
+
+def _python(code: str, **env: str) -> str:
+    """stdout of ``code`` in a fresh interpreter (JAX's flags are read once per process)."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    environment.pop(FLAGS_VARIABLE, None)
+    environment.pop(CONV_VARIABLE, None)
+    environment.update(env)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=environment,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+_SHOW_FLAGS = """
+import os, re
+import models, jax, jax.numpy as jnp
+from jax import lax
+nhwc = ("NHWC", "HWIO", "NHWC")
+conv = jax.jit(lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=nhwc))
+text = conv.lower(jnp.ones((8, 16, 16, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
+print(repr(os.environ.get("XLA_FLAGS")), "__ynn_fusion" in text, models.configure_xla_cpu())
+"""
+
+
+def test_importing_models_sets_the_xla_cpu_flags_before_the_backend_starts():
+    flags, ynn_convolution, again = _python(_SHOW_FLAGS).split(" ", 2)
+    expected = [f"--{name}={value}" for name, value in XLA_CPU_OPTIONS.items()]
+    assert eval(flags) == " ".join(expected)
+    assert ynn_convolution == "False"  # the convolution stays with XLA
+    assert again == "[]"  # the backend has started: nothing more is changed
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {FLAGS_VARIABLE: "0"},
+        {CONV_VARIABLE: "xla"},
+        {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"},
+    ],
+    ids=["opt-out", "plain-xla", "user-flags"],
+)
+def test_xla_cpu_flags_are_left_alone_when_asked_or_already_set(env):
+    flags, ynn_convolution, _ = _python(_SHOW_FLAGS, **env).split(" ", 2)
+    assert eval(flags) == env.get("XLA_FLAGS")
+    if "XLA_FLAGS" not in env:
+        assert ynn_convolution == "True"  # jaxlib's default: YNNPACK convolutions
+
+
+def test_unknown_flags_are_never_set(monkeypatch):
+    assert layers._jaxlib_knows(list(XLA_CPU_OPTIONS))
+    assert not layers._jaxlib_knows(["xla_cpu_no_such_flag_anywhere"])
+    monkeypatch.setattr(layers, "XLA_CPU_OPTIONS", {"xla_cpu_no_such_flag_anywhere": "1"})
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert layers.configure_xla_cpu() == []
+    assert "XLA_FLAGS" not in os.environ
 
 
 @pytest.mark.parametrize("implementation", ["auto", "matmul"])
