@@ -1,5 +1,6 @@
 """models.layers: the CPU-fast Conv equals lax.conv_general_dilated, forward and gradients."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from jax import lax
 
 import ifjax
-from models import VGG, layers, resnet18
+from models import VGG, _native, layers, resnet18
 from models.layers import (
     ALL_MATMUL,
     ALL_XLA,
@@ -34,6 +35,8 @@ MIXED = (
     ConvPaths("xla", "matmul", "xla"),
     ConvPaths("matmul", "xla", "matmul"),
     ConvPaths("xla", "xla", "matmul"),
+    ConvPaths("xla", "xla", "transposed"),
+    ConvPaths("xla", "matmul", "transposed"),
 )
 # (input N, H, W, I), (kh, kw, O), strides, padding
 CASES = [
@@ -76,10 +79,11 @@ def test_forward_and_gradients_equal_lax(input_shape, kernel_spec, strides, padd
         np.testing.assert_allclose(got, want, **TOLERANCE)
 
 
-def test_forward_mode_and_vmap_equal_lax():
+@pytest.mark.parametrize("paths", [ALL_MATMUL, ConvPaths("xla", "matmul", "transposed")], ids=str)
+def test_forward_mode_and_vmap_equal_lax(paths):
     x, kernel = _arrays((2, 2, 3, 4), (3, 3, 5))
     padding = ((1, 1), (1, 1))
-    fast = lambda x, k: layers.conv_general_dilated(x, k, (1, 1), padding, ALL_MATMUL)
+    fast = lambda x, k: layers.conv_general_dilated(x, k, (1, 1), padding, paths)
     reference = lambda x, k: _reference(x, k, (1, 1), padding)
     tangents = (jnp.ones_like(x), 0.5 * kernel)
     got = jax.jvp(fast, (x, kernel), tangents)
@@ -91,20 +95,79 @@ def test_forward_mode_and_vmap_equal_lax():
         jax.vmap(reference, (0, None))(stacked, kernel),
         **TOLERANCE,
     )
+    # per-replica kernels and inputs, gradients included (split-data training vmaps this)
+    kernels = jnp.stack([kernel, -kernel])
+    grad = lambda f: jax.vmap(jax.grad(lambda x, k: jnp.sum(f(x, k) ** 2), (0, 1)))
+    assert_trees_equal(grad(fast)(stacked, kernels), grad(reference)(stacked, kernels), **TOLERANCE)
+
+
+def test_native_kernel_is_built_and_used():
+    assert _native.native_available()  # CI machines have a C++ compiler
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4, 5)), jnp.float32)
+    text = jax.jit(_native.batch_to_minor).lower(x).as_text()
+    assert "ifjax_batch_to_minor" in text
+    choose = choose_paths((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
+    assert choose == ConvPaths("xla", "xla", "transposed")
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((2, 3, 4, 5), jnp.float32), ((17, 1, 1, 33), jnp.float32), ((3, 5, 2, 4), jnp.bfloat16)]
+    + [((4, 2, 3, 2), jnp.int32), ((2, 2, 2, 3), jnp.float64)],
+)
+def test_batch_to_minor_is_a_transpose(shape, dtype):
+    x = np.arange(np.prod(shape)).reshape(shape)
+    x = jnp.asarray(x, dtype) if dtype != jnp.float64 else np.asarray(x, np.float64)
+    want = np.transpose(np.asarray(x), (3, 1, 2, 0))
+    np.testing.assert_array_equal(jax.jit(_native.batch_to_minor)(x), want)
+    stacked = jnp.stack([jnp.asarray(x), -jnp.asarray(x)])
+    np.testing.assert_array_equal(
+        jax.vmap(_native.batch_to_minor)(stacked), np.stack([want, -want])
+    )
+
+
+def test_native_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(_native, "_registered", [])
+    monkeypatch.setenv("IFJAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    _native._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="native CPU kernel unavailable"):
+            assert not _native.native_available()
+        assert not _native.native_available()  # once per process: no second warning
+        x = jnp.ones((2, 3, 4, 5))
+        fresh = jax.jit(lambda v: _native.batch_to_minor(v))  # not an earlier cached trace
+        assert "ifjax_batch_to_minor" not in fresh.lower(x).as_text()
+        np.testing.assert_array_equal(fresh(x), np.transpose(np.asarray(x), (3, 1, 2, 0)))
+        paths = choose_paths((8, 32, 32, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
+        assert paths == ALL_XLA
+    finally:
+        _native._load.cache_clear()
+
+
+def test_native_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv(_native.NATIVE_VARIABLE, "0")
+    _native._load.cache_clear()
+    try:
+        assert not _native.native_available()
+    finally:
+        _native._load.cache_clear()
 
 
 def test_choose_paths_follows_the_measured_rules():
     same = ((1, 1), (1, 1))
-    assert choose_paths((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), same) == ALL_MATMUL
-    assert choose_paths((128, 8, 8, 256), (1, 1, 256, 512), (2, 2), ((0, 0), (0, 0))) == (
-        ALL_MATMUL
-    )
-    assert choose_paths((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), same) == ALL_XLA
-    assert choose_paths((128, 32, 32, 3), (3, 3, 3, 64), (1, 1), same) == ALL_XLA
-    assert choose_paths((128, 8, 8, 256), (3, 3, 256, 256), (1, 1), same) == ALL_XLA
-    matmul_input_grad = ConvPaths("xla", "matmul", "xla")
-    assert choose_paths((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), same) == matmul_input_grad
-    assert choose_paths((128, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == matmul_input_grad
+    for native, kernel_grad in ((False, "xla"), (True, "transposed")):
+        choose = functools.partial(choose_paths, native=native)
+        assert choose((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), same) == ALL_MATMUL
+        one_by_one = choose((128, 8, 8, 256), (1, 1, 256, 512), (2, 2), ((0, 0), (0, 0)))
+        assert one_by_one == ALL_MATMUL
+        plain = ConvPaths("xla", "xla", kernel_grad)
+        assert choose((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), same) == plain
+        assert choose((128, 32, 32, 3), (3, 3, 3, 64), (1, 1), same) == plain
+        assert choose((128, 8, 8, 256), (3, 3, 256, 256), (1, 1), same) == plain
+        matmul_input_grad = ConvPaths("xla", "matmul", kernel_grad)
+        assert choose((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), same) == matmul_input_grad
+        assert choose((128, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == matmul_input_grad
 
 
 def _python(code: str, **env: str) -> str:
