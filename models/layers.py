@@ -14,9 +14,14 @@ and kernel gradients, by whichever of two paths is faster for that shape:
   gradient is the transpose (a matmul, then padded slices summed) and its kernel gradient
   one matrix product of the patches with the output gradient.
 
+* ``"transposed"`` (kernel gradient only): XLA's convolution, its input made batch-minor
+  by the native kernel of :mod:`models._native` instead of XLA's slow transpose.
+
 The choice, :func:`choose_paths`, depends on static shapes only and was measured on a
 2-core x86 CPU (``bench/README.md``). Other backends keep ``lax.conv_general_dilated``.
-:func:`max_pool` is likewise ``nn.max_pool`` with a faster gradient on CPU.
+:func:`max_pool` is likewise ``nn.max_pool`` with a faster gradient on CPU, and
+:func:`configure_xla_cpu` (called by ``import models``) keeps XLA:CPU's convolutions out of
+YNNPACK library fusions, which are slower for them.
 
 The environment variable ``IFJAX_CONV`` (read whenever a convolution is traced) selects
 ``"auto"`` (the default: the rule above on CPU, XLA elsewhere), ``"xla"`` (always

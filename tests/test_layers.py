@@ -1,5 +1,6 @@
 """models.layers: the CPU-fast Conv equals lax.conv_general_dilated, forward and gradients."""
 
+import ctypes
 import functools
 import os
 import subprocess
@@ -124,6 +125,16 @@ def test_batch_to_minor_is_a_transpose(shape, dtype):
     np.testing.assert_array_equal(
         jax.vmap(_native.batch_to_minor)(stacked), np.stack([want, -want])
     )
+
+
+def test_native_kernel_builds_from_scratch_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("IFJAX_CACHE_DIR", str(tmp_path))
+    library = _native._build()
+    assert library.parent == tmp_path / "kernels" and library.suffix == ".so"
+    assert [p.name for p in library.parent.iterdir()] == [library.name]  # no leftovers
+    assert hasattr(ctypes.cdll.LoadLibrary(str(library)), _native._SYMBOL)
+    assert _native._build() == library  # cached: same file, not rebuilt
+    assert library.stat().st_mtime_ns == _native._build().stat().st_mtime_ns
 
 
 def test_native_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
