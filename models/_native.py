@@ -10,7 +10,8 @@ transposes, 4-10x faster), registered with XLA as an FFI custom call.
 The kernel is compiled with the system's C++ compiler (``$CXX``, else ``c++``/``g++``)
 against the FFI headers that jaxlib ships (``jax.ffi.include_dir()``), once per source,
 jaxlib version and compiler, into ``$IFJAX_CACHE_DIR/kernels`` (default
-``~/.cache/ifjax/kernels``), written atomically. Without a compiler, or if the build fails,
+``~/.cache/ifjax/kernels``; the temporary directory if that cannot be created), written
+atomically. Without a compiler, or if the build fails,
 or with ``IFJAX_NATIVE=0``, :func:`batch_to_minor` is ``jnp.transpose`` (same results) and a
 warning says why once.
 """
@@ -70,10 +71,15 @@ def _build() -> Path:
     ).stdout
     parts = [source, jaxlib.__version__.encode(), version.encode(), " ".join(_FLAGS).encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    library = _cache_dir() / f"transpose-{key}.so"
+    directory = _cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:  # e.g. a read-only home: build per user in the temporary directory
+        directory = Path(tempfile.gettempdir()) / f"ifjax-kernels-{os.getuid()}"
+        directory.mkdir(parents=True, exist_ok=True)
+    library = directory / f"transpose-{key}.so"
     if library.exists():
         return library
-    library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         built = Path(scratch) / library.name
         command = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)]

@@ -5,6 +5,7 @@ import functools
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import flax.linen as nn
@@ -135,6 +136,19 @@ def test_native_kernel_builds_from_scratch_into_the_cache(monkeypatch, tmp_path)
     assert hasattr(ctypes.cdll.LoadLibrary(str(library)), _native._SYMBOL)
     assert _native._build() == library  # cached: same file, not rebuilt
     assert library.stat().st_mtime_ns == _native._build().stat().st_mtime_ns
+
+
+def test_native_kernel_builds_in_the_temporary_directory_if_the_cache_is_unwritable(
+    monkeypatch, tmp_path
+):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("IFJAX_CACHE_DIR", str(blocked))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    library = _native._build()
+    assert library.parent == tmp_path / "tmp" / f"ifjax-kernels-{os.getuid()}"
+    assert hasattr(ctypes.cdll.LoadLibrary(str(library)), _native._SYMBOL)
 
 
 def test_native_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
