@@ -46,6 +46,11 @@ _registered: list[str] = []  # the library registered with XLA in this process, 
 _log = logging.getLogger(__name__)
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment variable says no (``0``, ``false``, ``no``, ``off``)."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("IFJAX_CACHE_DIR") or Path.home() / ".cache" / "ifjax"
     return Path(root) / "kernels"
@@ -94,7 +99,7 @@ def _build() -> Path:
 @functools.cache
 def _load() -> bool:
     """Builds, loads and registers the kernel once per process; False if unavailable."""
-    if os.environ.get(NATIVE_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(NATIVE_VARIABLE):
         return False
     with _lock:
         if _registered:  # a target is registered once per process

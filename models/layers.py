@@ -169,8 +169,7 @@ def configure_xla_cpu(force: bool = False) -> list[str]:
     """
     from jax._src import xla_bridge
 
-    setting = os.environ.get(FLAGS_VARIABLE, "1").strip().lower()
-    if not force and (setting in ("0", "false", "no", "off") or conv_implementation() == "xla"):
+    if not force and (_native.switched_off(FLAGS_VARIABLE) or conv_implementation() == "xla"):
         return []
     if xla_bridge.backends_are_initialized():
         return []
