@@ -15,12 +15,16 @@ Candidates, all measured in one process, interleaved (one measurement of each pe
 * ``ifjax xla``: ``train.training.train_step``/``eval_step`` with ``IFJAX_CONV=xla``,
   i.e. plain ``nn.Conv`` (``lax.conv_general_dilated``), compiled with jaxlib's default
   XLA:CPU options: JAX as installed, before ifjax's changes;
-* ``ifjax auto``: the same with the CPU fast path of ``models/layers.py`` and the XLA:CPU
-  options of ``models.layers.XLA_CPU_OPTIONS`` (ifjax's defaults);
+* ``ifjax auto``: the same with the CPU fast path of ``models/layers.py`` and ifjax's
+  XLA:CPU options (``models.layers.XLA_CPU_OPTIONS`` for the training step,
+  ``XLA_CPU_INFERENCE_OPTIONS`` for evaluation, as the library runs them);
 * optional modes (``--modes``): ``auto-jaxlib-flags`` (fast path, jaxlib's options) and
-  ``xla-ifjax-flags`` (plain convolutions, ifjax's options) separate the two changes;
+  ``xla-ifjax-flags`` (plain convolutions, ifjax's options) separate the two changes,
+  ``auto-train-flags`` evaluates with the training options;
 * ``torch``: SGD step (momentum 0.9, weight decay 5e-4, cross-entropy) and
   ``inference_mode`` evaluation (logits, loss, accuracy) of the PyTorch network.
+
+Both frameworks evaluate the weights their training steps have reached so far.
 
 Each JAX mode gets its own jitted copies of the training/evaluation functions, traced
 with its ``IFJAX_CONV``. The first call (compilation included) is reported separately; the
@@ -53,7 +57,11 @@ from bench.common import (  # noqa: E402
     median_ratio,
     stopwatch,
 )
-from models.layers import XLA_CPU_DEFAULT_OPTIONS, XLA_CPU_OPTIONS  # noqa: E402
+from models.layers import (  # noqa: E402
+    XLA_CPU_DEFAULT_OPTIONS,
+    XLA_CPU_INFERENCE_OPTIONS,
+    XLA_CPU_OPTIONS,
+)
 from models.registry import create_model  # noqa: E402
 from models.vgg import VGG11_CFG  # noqa: E402
 from train import training  # noqa: E402
@@ -62,16 +70,21 @@ __all__ = ["main", "torch_resnet18", "torch_vgg11_bn"]
 
 MODELS = ("vgg11_bn", "resnet18")
 MODES = ("xla", "auto")
-#: mode -> (IFJAX_CONV, XLA:CPU compile options). ``xla``: plain ``nn.Conv``/``nn.max_pool``
-#: and jaxlib's default options (YNNPACK convolutions), i.e. JAX as installed; ``auto``: ifjax
-#: (fast path and :data:`models.layers.XLA_CPU_OPTIONS`); ``auto-jaxlib-flags`` and
-#: ``xla-ifjax-flags`` separate the two changes; ``matmul``: the matmul path everywhere.
+#: mode -> (IFJAX_CONV, XLA:CPU compile options of the training step, of the evaluation
+#: step). ``xla``: plain ``nn.Conv``/``nn.max_pool`` and jaxlib's default options (YNNPACK
+#: convolutions), i.e. JAX as installed; ``auto``: ifjax (fast path,
+#: :data:`models.layers.XLA_CPU_OPTIONS` for training and
+#: :data:`models.layers.XLA_CPU_INFERENCE_OPTIONS` for evaluation, as
+#: ``train.training.train_step``/``eval_step`` run); ``auto-jaxlib-flags`` and
+#: ``xla-ifjax-flags`` separate the two changes; ``auto-train-flags`` evaluates with the
+#: training options; ``matmul``: the matmul path everywhere.
 MODE_SETTINGS = {
-    "xla": ("xla", XLA_CPU_DEFAULT_OPTIONS),
-    "auto": ("auto", XLA_CPU_OPTIONS),
-    "auto-jaxlib-flags": ("auto", XLA_CPU_DEFAULT_OPTIONS),
-    "xla-ifjax-flags": ("xla", XLA_CPU_OPTIONS),
-    "matmul": ("matmul", XLA_CPU_OPTIONS),
+    "xla": ("xla", XLA_CPU_DEFAULT_OPTIONS, XLA_CPU_DEFAULT_OPTIONS),
+    "auto": ("auto", XLA_CPU_OPTIONS, XLA_CPU_INFERENCE_OPTIONS),
+    "auto-jaxlib-flags": ("auto", XLA_CPU_DEFAULT_OPTIONS, XLA_CPU_DEFAULT_OPTIONS),
+    "auto-train-flags": ("auto", XLA_CPU_OPTIONS, XLA_CPU_OPTIONS),
+    "xla-ifjax-flags": ("xla", XLA_CPU_OPTIONS, XLA_CPU_INFERENCE_OPTIONS),
+    "matmul": ("matmul", XLA_CPU_OPTIONS, XLA_CPU_INFERENCE_OPTIONS),
 }
 
 
@@ -163,7 +176,7 @@ def _torch_functions(name: str, images: np.ndarray, labels: np.ndarray):
 # ----------------------------------------------------------------------------- ifjax
 
 
-def _fresh_jits(options: dict[str, str]):
+def _fresh_jits(train_options: dict[str, str], eval_options: dict[str, str]):
     """New jits of ``train_step``/``eval_step``, traced afresh under the current ``IFJAX_CONV``
     and compiled with these XLA options.
 
@@ -178,8 +191,8 @@ def _fresh_jits(options: dict[str, str]):
         return training.eval_step.__wrapped__(variables, batch, model=model)
 
     return (
-        jax.jit(train_step, static_argnames=("model", "optimizer"), compiler_options=options),
-        jax.jit(eval_step, static_argnames=("model",), compiler_options=options),
+        jax.jit(train_step, static_argnames=("model", "optimizer"), compiler_options=train_options),
+        jax.jit(eval_step, static_argnames=("model",), compiler_options=eval_options),
     )
 
 
@@ -188,11 +201,11 @@ def _jax_functions(name: str, mode: str, images: np.ndarray, labels: np.ndarray)
     model = create_model(name)
     batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
     optimizer = training.make_optimizer("base", steps_per_epoch=391, epochs=300)
-    conv, options = MODE_SETTINGS[mode]
+    conv, train_options, eval_options = MODE_SETTINGS[mode]
     with conv_implementation(conv):
         variables = model.init(jax.random.key(0), batch["image"][:1])
         state = training.create_train_state(model, variables, optimizer)
-        train_step, eval_step = _fresh_jits(options)
+        train_step, eval_step = _fresh_jits(train_options, eval_options)
         first_train = stopwatch(
             lambda: jax.block_until_ready(
                 train_step(state, batch, model=model, optimizer=optimizer)
@@ -201,7 +214,8 @@ def _jax_functions(name: str, mode: str, images: np.ndarray, labels: np.ndarray)
         first_eval = stopwatch(
             lambda: jax.block_until_ready(eval_step(variables, batch, model=model))
         )
-        logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(variables, batch["image"]))
+        logits = jax.jit(lambda v, x: model.apply(v, x), compiler_options=eval_options)
+        logits = np.asarray(logits(variables, batch["image"]))
     current = [state]
 
     def train(steps: int) -> None:
@@ -210,8 +224,10 @@ def _jax_functions(name: str, mode: str, images: np.ndarray, labels: np.ndarray)
         jax.block_until_ready((current[0], out))
 
     def evaluate(batches: int) -> None:
+        # The weights trained so far, as the PyTorch network evaluates its own.
+        trained = {"params": current[0].params, "batch_stats": current[0].batch_stats}
         for _ in range(batches):
-            out = eval_step(variables, batch, model=model)
+            out = eval_step(trained, batch, model=model)
             int(out["correct"]), float(out["loss_sum"])
 
     return train, evaluate, {"train": first_train, "eval": first_eval}, logits

@@ -57,7 +57,11 @@ __all__ = [
     "CONV_VARIABLE",
     "FLAGS_VARIABLE",
     "XLA_CPU_DEFAULT_OPTIONS",
+    "XLA_CPU_INFERENCE_OPTIONS",
     "XLA_CPU_OPTIONS",
+    "InferenceJit",
+    "inference_compiler_options",
+    "inference_jit",
     "Conv",
     "ConvPaths",
     "choose_paths",
@@ -84,6 +88,11 @@ XLA_CPU_DEFAULT_OPTIONS = {
         "LIBRARY_FUSION_TYPE_REDUCE"
     ),
 }
+#: XLA:CPU options for inference-only computations (:func:`inference_jit`): no library
+#: fusions at all. With products and reductions in YNNPACK fusions, XLA fuses ResNet18's
+#: whole last stage (4x4 convolutions, BatchNorms, pooling, classifier) into one slow
+#: YNNPACK fusion; evaluation has no gradient reductions to gain from them.
+XLA_CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 CONV_IMPLEMENTATIONS = ("auto", "xla", "matmul")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -180,6 +189,90 @@ def configure_xla_cpu(force: bool = False) -> list[str]:
         return []
     os.environ["XLA_FLAGS"] = " ".join([current, *flags]).strip()
     return flags
+
+
+def inference_compiler_options() -> dict[str, str] | None:
+    """The compile options :func:`inference_jit` uses on XLA:CPU, or ``None`` for none.
+
+    They are :data:`XLA_CPU_INFERENCE_OPTIONS` while ifjax's process-wide options are in
+    effect (``XLA_FLAGS`` holds exactly :data:`XLA_CPU_OPTIONS`, as set by
+    :func:`configure_xla_cpu` here or in a parent process), and ``None`` otherwise: after
+    ``IFJAX_XLA_CPU_FLAGS=0``, ``IFJAX_CONV=xla``, or a value of the user's own, inference
+    is compiled like everything else.
+    """
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if all(f"--{name}={value}" in flags for name, value in XLA_CPU_OPTIONS.items()):
+        return dict(XLA_CPU_INFERENCE_OPTIONS)
+    return None
+
+
+def _platform(args: tuple, kwargs: dict) -> str | None:
+    """The platform a jitted call with these arguments runs on (``None``: under a trace)."""
+    for leaf in jax.tree.leaves((args, kwargs)):
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if isinstance(leaf, jax.Array) and leaf.committed:
+            return next(iter(leaf.devices())).platform
+    return jax.default_backend()
+
+
+class InferenceJit:
+    """``jax.jit(fun)`` that compiles with :func:`inference_compiler_options` on XLA:CPU.
+
+    XLA's compile options are per executable, and the options that make training steps
+    faster on the CPU (:data:`XLA_CPU_OPTIONS`) make ResNet18's evaluation slower
+    (``bench/README.md``). A call whose arguments live on the CPU (or, for uncommitted
+    arguments, with the CPU as the default backend) runs an executable compiled with
+    the inference options; any other call, and a call under an outer trace (where the
+    outer function's options apply), runs the plain ``jax.jit``. Results are equal to
+    float tolerance: the options only change how XLA:CPU compiles.
+
+    Attributes:
+      __wrapped__: the function itself.
+    """
+
+    def __init__(self, fun, **jit_kwargs: Any):
+        functools.update_wrapper(self, fun)
+        self._fun, self._jit_kwargs = fun, jit_kwargs
+        self._plain = jax.jit(fun, **jit_kwargs)
+        self._tuned: dict[tuple, Any] = {}
+
+    def _jit_for(self, args: tuple, kwargs: dict):
+        options = inference_compiler_options()
+        if options is None or _platform(args, kwargs) != "cpu":
+            return self._plain
+        key = tuple(sorted(options.items()))
+        if key not in self._tuned:
+            self._tuned[key] = jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)
+        return self._tuned[key]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._jit_for(args, kwargs)(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """``jax.jit(...).lower`` of the executable this call would run."""
+        return self._jit_for(args, kwargs).lower(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return self._plain._cache_size() + sum(f._cache_size() for f in self._tuned.values())
+
+    def clear_cache(self) -> None:
+        self._plain.clear_cache()
+        for f in self._tuned.values():
+            f.clear_cache()
+
+
+def inference_jit(fun=None, **jit_kwargs: Any):
+    """Decorator form of :class:`InferenceJit`: ``@inference_jit(static_argnames=...)``.
+
+    Example:
+      >>> @inference_jit(static_argnames=("model",))
+      ... def logits(variables, x, *, model):
+      ...     return model.apply(variables, x, train=False)
+    """
+    if fun is None:
+        return functools.partial(inference_jit, **jit_kwargs)
+    return InferenceJit(fun, **jit_kwargs)
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: tuple[int, int]) -> int:

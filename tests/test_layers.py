@@ -22,6 +22,7 @@ from models.layers import (
     ALL_XLA,
     CONV_VARIABLE,
     FLAGS_VARIABLE,
+    XLA_CPU_INFERENCE_OPTIONS,
     XLA_CPU_OPTIONS,
     Conv,
     ConvPaths,
@@ -258,6 +259,67 @@ def test_unknown_flags_are_never_set(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert layers.configure_xla_cpu() == []
     assert "XLA_FLAGS" not in os.environ
+
+
+def _product_sums(a, b):
+    return jnp.sum(jnp.tanh(a @ b), axis=0)
+
+
+def _ifjax_flags() -> str:
+    return " ".join(f"--{name}={value}" for name, value in XLA_CPU_OPTIONS.items())
+
+
+def test_inference_jit_compiles_with_the_inference_options_on_cpu(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 {_ifjax_flags()}")
+    assert layers.inference_compiler_options() == XLA_CPU_INFERENCE_OPTIONS
+    f = layers.inference_jit(_product_sums)
+    assert f.__wrapped__ is _product_sums
+    a = jnp.arange(48.0).reshape(8, 6) / 50
+    b = jnp.arange(24.0).reshape(6, 4) / 30
+    tuned = f._jit_for((a, b), {})
+    assert tuned is not f._plain
+    np.testing.assert_allclose(f(a, b), _product_sums(np.asarray(a), np.asarray(b)), rtol=1e-6)
+    # The options reach the executable: no YNNPACK fusion, unlike the training options.
+    training_jit = jax.jit(_product_sums, compiler_options=XLA_CPU_OPTIONS)
+    if "__ynn_fusion" in training_jit.lower(a, b).compile().as_text():
+        assert "__ynn_fusion" not in f.lower(a, b).compile().as_text()
+    compiled = f._cache_size()
+    f(a + 1, b - 1)
+    assert f._cache_size() == compiled  # same shapes: no new compilation
+    committed = jax.device_put((a, b), jax.devices("cpu")[0])
+    assert f._jit_for(committed, {}) is tuned
+    # Under an outer trace the outer function's compile options apply.
+    chosen = []
+
+    def outer(a, b):
+        chosen.append(f._jit_for((a, b), {}))
+        return f(a, b) * 2
+
+    np.testing.assert_allclose(jax.jit(outer)(a, b), 2 * f(a, b), rtol=1e-6)
+    assert chosen == [f._plain]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    ["", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"],
+    ids=["opted-out", "user-flags"],
+)
+def test_inference_jit_is_plain_jit_without_ifjax_flags(monkeypatch, flags):
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert layers.inference_compiler_options() is None
+    f = layers.inference_jit(_product_sums)
+    a = jnp.ones((3, 3))
+    assert f._jit_for((a, a), {}) is f._plain
+    np.testing.assert_allclose(f(a, a), _product_sums(a, a))
+    assert f._cache_size() == 1
+
+
+def test_evaluation_steps_are_inference_jits():
+    from train import split, training
+
+    assert isinstance(training.eval_step, layers.InferenceJit)
+    model = VGG(cfg=(4, "M"), num_classes=3)
+    assert isinstance(split._replica_eval_step(model, None), layers.InferenceJit)
 
 
 @pytest.mark.parametrize("implementation", ["auto", "matmul"])

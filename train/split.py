@@ -66,6 +66,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ifjax.checkpoint import restore_pytree, save_pytree
+from models.layers import inference_jit
 from train.data import Dataset, batches
 from train.training import (
     TrainState,
@@ -301,11 +302,11 @@ def replica_train_step(
 
 @functools.lru_cache(maxsize=32)
 def _replica_eval_step(model: nn.Module, mesh: Mesh | None):
-    vmapped = jax.vmap(functools.partial(eval_step, model=model), in_axes=(0, None))
+    vmapped = jax.vmap(functools.partial(eval_step.__wrapped__, model=model), in_axes=(0, None))
     if mesh is None:
-        return jax.jit(vmapped)
+        return inference_jit(vmapped)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(vmapped, in_shardings=(_sharding(mesh), replicated))
+    return inference_jit(vmapped, in_shardings=(_sharding(mesh), replicated))
 
 
 def evaluate_replicas(

@@ -44,6 +44,7 @@ import optax
 from tqdm import tqdm
 
 from ifjax.checkpoint import restore_pytree, save_pytree
+from models.layers import inference_jit
 
 __all__ = [
     "KEEP_CHECKPOINTS",
@@ -261,11 +262,15 @@ def train_step(
     return new_state, {"loss": loss, "accuracy": accuracy}
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@inference_jit(static_argnames=("model",))
 def eval_step(
     variables: Mapping[str, Any], batch: Batch, *, model: nn.Module
 ) -> dict[str, jax.Array]:
     """Evaluates a batch, BatchNorm in inference mode (jitted once per shape).
+
+    On XLA:CPU it is compiled with :data:`models.layers.XLA_CPU_INFERENCE_OPTIONS`
+    (:class:`models.layers.InferenceJit`), which evaluate ResNet18 faster than the
+    training options.
 
     Args:
       variables: ``{"params": ..., "batch_stats": ...}``.
