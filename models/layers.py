@@ -235,16 +235,15 @@ class InferenceJit:
         functools.update_wrapper(self, fun)
         self._fun, self._jit_kwargs = fun, jit_kwargs
         self._plain = jax.jit(fun, **jit_kwargs)
-        self._tuned: dict[tuple, Any] = {}
+        self._tuned = None  # compiled with the inference options, made on first use
 
     def _jit_for(self, args: tuple, kwargs: dict):
         options = inference_compiler_options()
         if options is None or _platform(args, kwargs) != "cpu":
             return self._plain
-        key = tuple(sorted(options.items()))
-        if key not in self._tuned:
-            self._tuned[key] = jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)
-        return self._tuned[key]
+        if self._tuned is None:
+            self._tuned = jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)
+        return self._tuned
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._jit_for(args, kwargs)(*args, **kwargs)
@@ -253,12 +252,14 @@ class InferenceJit:
         """``jax.jit(...).lower`` of the executable this call would run."""
         return self._jit_for(args, kwargs).lower(*args, **kwargs)
 
+    def _jits(self) -> list:
+        return [self._plain] + ([] if self._tuned is None else [self._tuned])
+
     def _cache_size(self) -> int:
-        return self._plain._cache_size() + sum(f._cache_size() for f in self._tuned.values())
+        return sum(f._cache_size() for f in self._jits())
 
     def clear_cache(self) -> None:
-        self._plain.clear_cache()
-        for f in self._tuned.values():
+        for f in self._jits():
             f.clear_cache()
 
 

@@ -297,6 +297,8 @@ def test_inference_jit_compiles_with_the_inference_options_on_cpu(monkeypatch):
 
     np.testing.assert_allclose(jax.jit(outer)(a, b), 2 * f(a, b), rtol=1e-6)
     assert chosen == [f._plain]
+    f.clear_cache()
+    assert f._cache_size() == 0
 
 
 @pytest.mark.parametrize(
