@@ -58,21 +58,24 @@ def machine() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def conv_implementation(value: str) -> Iterator[None]:
-    """Sets ``IFJAX_CONV`` (see ``models/layers.py``) inside the block.
+def conv_implementation(value: str, **environment: str) -> Iterator[None]:
+    """Sets ``IFJAX_CONV`` (see ``models/layers.py``), and any other variables given,
+    inside the block.
 
-    The value is read when a convolution is traced, so functions must be traced (and
+    The values are read when a convolution is traced, so functions must be traced (and
     jitted functions compiled) inside the block; they keep the choice afterwards.
     """
-    before = os.environ.get("IFJAX_CONV")
-    os.environ["IFJAX_CONV"] = value
+    settings = {"IFJAX_CONV": value, **environment}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("IFJAX_CONV", None)
-        else:
-            os.environ["IFJAX_CONV"] = before
+        for name, old in before.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def stopwatch(function: Callable[[], Any]) -> float:

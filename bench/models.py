@@ -20,7 +20,8 @@ Candidates, all measured in one process, interleaved (one measurement of each pe
   ``XLA_CPU_INFERENCE_OPTIONS`` for evaluation, as the library runs them);
 * optional modes (``--modes``): ``auto-jaxlib-flags`` (fast path, jaxlib's options) and
   ``xla-ifjax-flags`` (plain convolutions, ifjax's options) separate the two changes,
-  ``auto-train-flags`` evaluates with the training options;
+  ``auto-train-flags`` evaluates with the training options, ``auto-xla-forward`` computes
+  convolutions with XLA instead of the native kernel (``IFJAX_NATIVE_CONV=0``);
 * ``torch``: SGD step (momentum 0.9, weight decay 5e-4, cross-entropy) and
   ``inference_mode`` evaluation (logits, loss, accuracy) of the PyTorch network.
 
@@ -71,18 +72,26 @@ __all__ = ["main", "torch_resnet18", "torch_vgg11_bn"]
 MODELS = ("vgg11_bn", "resnet18")
 MODES = ("xla", "auto")
 #: mode -> (IFJAX_CONV, XLA:CPU compile options of the training step, of the evaluation
-#: step). ``xla``: plain ``nn.Conv``/``nn.max_pool`` and jaxlib's default options (YNNPACK
-#: convolutions), i.e. JAX as installed; ``auto``: ifjax (fast path,
-#: :data:`models.layers.XLA_CPU_OPTIONS` for training and
+#: step[, other environment variables]). ``xla``: plain ``nn.Conv``/``nn.max_pool`` and
+#: jaxlib's default options (YNNPACK convolutions), i.e. JAX as installed; ``auto``: ifjax
+#: (fast path, :data:`models.layers.XLA_CPU_OPTIONS` for training and
 #: :data:`models.layers.XLA_CPU_INFERENCE_OPTIONS` for evaluation, as
 #: ``train.training.train_step``/``eval_step`` run); ``auto-jaxlib-flags`` and
 #: ``xla-ifjax-flags`` separate the two changes; ``auto-train-flags`` evaluates with the
-#: training options; ``matmul``: the matmul path everywhere.
+#: training options; ``auto-xla-forward`` computes the convolutions themselves with XLA
+#: instead of the native kernel (``IFJAX_NATIVE_CONV=0``); ``matmul``: the matmul path
+#: everywhere.
 MODE_SETTINGS = {
     "xla": ("xla", XLA_CPU_DEFAULT_OPTIONS, XLA_CPU_DEFAULT_OPTIONS),
     "auto": ("auto", XLA_CPU_OPTIONS, XLA_CPU_INFERENCE_OPTIONS),
     "auto-jaxlib-flags": ("auto", XLA_CPU_DEFAULT_OPTIONS, XLA_CPU_DEFAULT_OPTIONS),
     "auto-train-flags": ("auto", XLA_CPU_OPTIONS, XLA_CPU_OPTIONS),
+    "auto-xla-forward": (
+        "auto",
+        XLA_CPU_OPTIONS,
+        XLA_CPU_INFERENCE_OPTIONS,
+        {"IFJAX_NATIVE_CONV": "0"},
+    ),
     "xla-ifjax-flags": ("xla", XLA_CPU_OPTIONS, XLA_CPU_INFERENCE_OPTIONS),
     "matmul": ("matmul", XLA_CPU_OPTIONS, XLA_CPU_INFERENCE_OPTIONS),
 }
@@ -201,8 +210,8 @@ def _jax_functions(name: str, mode: str, images: np.ndarray, labels: np.ndarray)
     model = create_model(name)
     batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
     optimizer = training.make_optimizer("base", steps_per_epoch=391, epochs=300)
-    conv, train_options, eval_options = MODE_SETTINGS[mode]
-    with conv_implementation(conv):
+    conv, train_options, eval_options, *environment = MODE_SETTINGS[mode]
+    with conv_implementation(conv, **(environment[0] if environment else {})):
         variables = model.init(jax.random.key(0), batch["image"][:1])
         state = training.create_train_state(model, variables, optimizer)
         train_step, eval_step = _fresh_jits(train_options, eval_options)

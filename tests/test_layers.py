@@ -33,6 +33,8 @@ from tests.tree_asserts import assert_trees_equal
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 TOLERANCE = {"rtol": 2e-5, "atol": 2e-5}
+# float32 sums of up to 405 products of N(0, 1) values (magnitudes up to ~60) in another order
+NATIVE_TOLERANCE = {"rtol": 2e-5, "atol": 5e-5}
 MIXED = (
     ALL_MATMUL,
     ConvPaths("xla", "matmul", "xla"),
@@ -40,6 +42,11 @@ MIXED = (
     ConvPaths("xla", "xla", "matmul"),
     ConvPaths("xla", "xla", "transposed"),
     ConvPaths("xla", "matmul", "transposed"),
+    ConvPaths("native", "xla", "transposed"),
+    ConvPaths("native", "matmul", "matmul"),
+)
+NATIVE_CONV = pytest.mark.skipif(
+    not _native.conv2d_available(), reason="the native convolution needs an AVX-512 CPU"
 )
 # (input N, H, W, I), (kh, kw, O), strides, padding
 CASES = [
@@ -82,7 +89,15 @@ def test_forward_and_gradients_equal_lax(input_shape, kernel_spec, strides, padd
         np.testing.assert_allclose(got, want, **TOLERANCE)
 
 
-@pytest.mark.parametrize("paths", [ALL_MATMUL, ConvPaths("xla", "matmul", "transposed")], ids=str)
+@pytest.mark.parametrize(
+    "paths",
+    [
+        ALL_MATMUL,
+        ConvPaths("xla", "matmul", "transposed"),
+        ConvPaths("native", "xla", "transposed"),
+    ],
+    ids=str,
+)
 def test_forward_mode_and_vmap_equal_lax(paths):
     x, kernel = _arrays((2, 2, 3, 4), (3, 3, 5))
     padding = ((1, 1), (1, 1))
@@ -110,7 +125,85 @@ def test_native_kernel_is_built_and_used():
     text = jax.jit(_native.batch_to_minor).lower(x).as_text()
     assert "ifjax_batch_to_minor" in text
     choose = choose_paths((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
-    assert choose == ConvPaths("xla", "xla", "transposed")
+    forward = "native" if _native.conv2d_available() else "xla"
+    assert choose == ConvPaths(forward, "xla", "transposed")
+
+
+# (input N, H, W, I), (kh, kw, O), strides, padding: every remainder of the 64-channel
+# blocks (O = 1, 17, 45, 64, 65, 130, 200), pixel counts that leave every remainder of the
+# 6-, 8- and 12-pixel blocks, single images (split by channel block), asymmetric padding.
+NATIVE_CASES = [
+    ((3, 5, 7, 45), (3, 3, 37), (1, 1), ((1, 1), (1, 1))),
+    ((2, 9, 6, 20), (5, 3, 70), (2, 2), ((2, 2), (1, 1))),
+    ((1, 4, 4, 8), (3, 3, 200), (1, 1), ((1, 1), (1, 1))),
+    ((5, 3, 11, 1), (3, 3, 1), (1, 1), ((0, 2), (1, 0))),
+    ((2, 8, 8, 16), (3, 3, 64), (2, 1), ((1, 1), (1, 1))),
+    ((4, 6, 5, 32), (3, 3, 65), (1, 1), ((0, 0), (0, 0))),
+    ((2, 2, 2, 64), (3, 3, 130), (1, 1), ((1, 1), (1, 1))),
+    ((3, 7, 7, 24), (2, 2, 17), (3, 3), ((0, 1), (0, 1))),
+    ((2, 10, 10, 3), (1, 1, 48), (1, 1), ((0, 0), (0, 0))),
+]
+
+
+@NATIVE_CONV
+@pytest.mark.parametrize("input_shape,kernel_spec,strides,padding", NATIVE_CASES)
+def test_native_conv2d_equals_lax(input_shape, kernel_spec, strides, padding):
+    x, kernel = _arrays(input_shape, kernel_spec, seed=3)
+    got = jax.jit(lambda x, k: _native.conv2d(x, k, strides, padding))(x, kernel)
+    want = _reference(x, kernel, strides, padding)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, **NATIVE_TOLERANCE)
+    # vmapped (one call per element), per-element kernels
+    stacked, kernels = jnp.stack([x, -2 * x]), jnp.stack([kernel, 0.5 * kernel])
+    batched = jax.vmap(lambda x, k: _native.conv2d(x, k, strides, padding))(stacked, kernels)
+    expected = jax.vmap(lambda x, k: _reference(x, k, strides, padding))(stacked, kernels)
+    np.testing.assert_allclose(batched, expected, **NATIVE_TOLERANCE)
+
+
+@NATIVE_CONV
+def test_native_conv2d_is_deterministic_and_keeps_padding_zero_between_geometries():
+    # Two geometries with the same padded image size in a row: the second must not see the
+    # first one's data in its padding (the scratch buffer is per thread and geometry).
+    a, ka = _arrays((8, 6, 4, 8), (3, 3, 16), seed=5)
+    b, kb = _arrays((8, 4, 6, 8), (3, 3, 16), seed=6)
+    same = ((1, 1), (1, 1))
+    conv = jax.jit(lambda x, k: _native.conv2d(x, k, (1, 1), same))
+    first = np.asarray(conv(a, ka))
+    np.testing.assert_allclose(conv(b, kb), _reference(b, kb, (1, 1), same), **NATIVE_TOLERANCE)
+    np.testing.assert_array_equal(conv(a, ka), first)
+
+
+@NATIVE_CONV
+def test_native_conv_runs_in_models_and_not_for_other_dtypes():
+    model = resnet18(num_classes=10, widths=(8, 16, 16, 32))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    apply = lambda v, x: model.apply(v, x, train=False)
+    assert "ifjax_conv2d" in jax.jit(apply).lower(variables, x).as_text()
+    kernel = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+    with pytest.raises(TypeError, match="float32 only"):
+        _native.conv2d(x.astype(jnp.bfloat16), kernel, (1, 1), same_pad())
+    # bfloat16 through the layer: XLA's convolution, no custom call
+    paths = ConvPaths("native", "xla", "xla")
+    fn = jax.jit(lambda x, k: layers.conv_general_dilated(x, k, (1, 1), same_pad(), paths))
+    text = fn.lower(x.astype(jnp.bfloat16), kernel).as_text()
+    assert "ifjax_conv2d" not in text
+
+
+def same_pad():
+    return ((1, 1), (1, 1))
+
+
+def test_native_conv_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv(_native.NATIVE_CONV_VARIABLE, "0")
+    assert not _native.conv2d_available()
+    paths = choose_paths((8, 32, 32, 64), (3, 3, 64, 64), (1, 1), same_pad())
+    assert paths.forward == "xla"
+    x, kernel = _arrays((2, 5, 5, 4), (3, 3, 6))
+    fn = jax.jit(lambda x, k: layers.conv_general_dilated(x, k, (1, 1), same_pad()))
+    assert "ifjax_conv2d" not in fn.lower(x, kernel).as_text()
+    with pytest.raises(RuntimeError, match="not available"):
+        _native.conv2d(x, kernel, (1, 1), same_pad())
 
 
 @pytest.mark.parametrize(
@@ -183,7 +276,7 @@ def test_native_kernel_can_be_switched_off(monkeypatch):
 def test_choose_paths_follows_the_measured_rules():
     same = ((1, 1), (1, 1))
     for native, kernel_grad in ((False, "xla"), (True, "transposed")):
-        choose = functools.partial(choose_paths, native=native)
+        choose = functools.partial(choose_paths, native=native, native_conv=False)
         assert choose((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), same) == ALL_MATMUL
         one_by_one = choose((128, 8, 8, 256), (1, 1, 256, 512), (2, 2), ((0, 0), (0, 0)))
         assert one_by_one == ALL_MATMUL
@@ -194,6 +287,16 @@ def test_choose_paths_follows_the_measured_rules():
         matmul_input_grad = ConvPaths("xla", "matmul", kernel_grad)
         assert choose((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), same) == matmul_input_grad
         assert choose((128, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == matmul_input_grad
+        # with the native convolution: every forward pass but 1x1 kernels
+        native_conv = functools.partial(choose_paths, native=native, native_conv=True)
+        small = native_conv((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), same)
+        assert small == ConvPaths("native", "matmul", "matmul")
+        one_by_one = native_conv((128, 8, 8, 256), (1, 1, 256, 512), (2, 2), ((0, 0), (0, 0)))
+        assert one_by_one == ALL_MATMUL
+        plain = native_conv((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), same)
+        assert plain == ConvPaths("native", "xla", kernel_grad)
+        strided = native_conv((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), same)
+        assert strided == ConvPaths("native", "matmul", kernel_grad)
 
 
 def _python(code: str, **env: str) -> str:
