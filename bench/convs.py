@@ -28,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402, F401  (ifjax's XLA flags, before JAX starts)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+import models  # noqa: E402, F401  (ifjax's XLA flags, before JAX's backends start)
 from bench.common import interleaved, machine, median_ratio  # noqa: E402
 from models import _native  # noqa: E402
 from models.layers import XLA_CPU_INFERENCE_OPTIONS  # noqa: E402
