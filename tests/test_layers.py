@@ -561,3 +561,26 @@ def test_max_pool_keeps_groups_discoverable(monkeypatch):
     groups = [ifjax.discover_groups(Net(p), variables, x) for p in (max_pool, nn.max_pool)]
     assert groups[0] == groups[1]
     assert [g.size for g in groups[0]] == [6, 4]
+
+
+def test_native_conv_stub_builds_without_avx512(tmp_path):
+    # What other architectures compile: the library (and so the transpose kernel) still
+    # builds, and the convolution reports itself unsupported.
+    compiler = _native._compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    library = tmp_path / "stub.so"
+    command = [compiler, *_native._FLAGS, "-DIFJAX_NO_AVX512", "-I", jax.ffi.include_dir()]
+    command += [*map(str, _native._SOURCES), "-o", str(library)]
+    subprocess.run(command, check=True, capture_output=True)
+    loaded = ctypes.cdll.LoadLibrary(str(library))
+    assert loaded.IfjaxConvSupported() == 0
+    assert hasattr(loaded, _native._SYMBOL) and hasattr(loaded, _native._CONV_SYMBOL)
+
+
+def test_cpus_without_avx512_use_xla_convolutions(monkeypatch):
+    assert _native.native_available()
+    monkeypatch.setattr(_native, "_conv_supported", [False])
+    assert not _native.conv2d_available()
+    paths = choose_paths((8, 32, 32, 64), (3, 3, 64, 64), (1, 1), same_pad())
+    assert paths == ConvPaths("xla", "xla", "transposed")

@@ -19,7 +19,13 @@
 // target attribute, so the library builds and loads on any x86-64 compiler and CPU;
 // IfjaxConvSupported() says whether this CPU can run it (Python falls back to XLA if not).
 
+// -DIFJAX_NO_AVX512 builds the portable stub (what non-x86 compilers get; used by a test).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(IFJAX_NO_AVX512)
+#define IFJAX_X86 1
 #include <immintrin.h>
+#else
+#define IFJAX_X86 0
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -34,6 +40,10 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+#if IFJAX_X86
+
+bool Supported();
 
 constexpr int64_t kBlock = 64;  // output channels per block: 4 vectors of 16 floats
 
@@ -234,7 +244,7 @@ ffi::Error Conv2d(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
       g.hp < g.kh || g.wp < g.kw || yd[0] != g.n || yd[1] != g.oh || yd[2] != g.ow ||
       yd[3] != g.o)
     return ffi::Error::InvalidArgument("ifjax_conv2d: inconsistent shapes");
-  if (!__builtin_cpu_supports("avx512f"))
+  if (!Supported())
     return ffi::Error::InvalidArgument("ifjax_conv2d: this CPU has no AVX-512");
   if (g.n == 0 || g.o == 0) return ffi::Error::Success();
   if (g.c == 0 || g.kh == 0 || g.kw == 0) {
@@ -246,9 +256,23 @@ ffi::Error Conv2d(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+bool Supported() { return __builtin_cpu_supports("avx512f"); }
+
+#else  // not x86-64: the library still builds (for the transpose kernel)
+
+ffi::Error Conv2d(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                  ffi::Result<ffi::Buffer<ffi::F32>>, int64_t, int64_t, int64_t, int64_t,
+                  int64_t, int64_t) {
+  return ffi::Error::InvalidArgument("ifjax_conv2d: built for x86-64 with AVX-512 only");
+}
+
+bool Supported() { return false; }
+
+#endif  // IFJAX_X86
+
 }  // namespace
 
-extern "C" int IfjaxConvSupported() { return __builtin_cpu_supports("avx512f") ? 1 : 0; }
+extern "C" int IfjaxConvSupported() { return Supported() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IfjaxConv2d, Conv2d,
                               ffi::Ffi::Bind()
