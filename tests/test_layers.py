@@ -35,6 +35,7 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 TOLERANCE = {"rtol": 2e-5, "atol": 2e-5}
 # float32 sums of up to 405 products of N(0, 1) values (magnitudes up to ~60) in another order
 NATIVE_TOLERANCE = {"rtol": 2e-5, "atol": 5e-5}
+SAME_PAD = ((1, 1), (1, 1))
 MIXED = (
     ALL_MATMUL,
     ConvPaths("xla", "matmul", "xla"),
@@ -182,28 +183,24 @@ def test_native_conv_runs_in_models_and_not_for_other_dtypes():
     assert "ifjax_conv2d" in jax.jit(apply).lower(variables, x).as_text()
     kernel = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
     with pytest.raises(TypeError, match="float32 only"):
-        _native.conv2d(x.astype(jnp.bfloat16), kernel, (1, 1), same_pad())
+        _native.conv2d(x.astype(jnp.bfloat16), kernel, (1, 1), SAME_PAD)
     # bfloat16 through the layer: XLA's convolution, no custom call
     paths = ConvPaths("native", "xla", "xla")
-    fn = jax.jit(lambda x, k: layers.conv_general_dilated(x, k, (1, 1), same_pad(), paths))
+    fn = jax.jit(lambda x, k: layers.conv_general_dilated(x, k, (1, 1), SAME_PAD, paths))
     text = fn.lower(x.astype(jnp.bfloat16), kernel).as_text()
     assert "ifjax_conv2d" not in text
-
-
-def same_pad():
-    return ((1, 1), (1, 1))
 
 
 def test_native_conv_can_be_switched_off(monkeypatch):
     monkeypatch.setenv(_native.NATIVE_CONV_VARIABLE, "0")
     assert not _native.conv2d_available()
-    paths = choose_paths((8, 32, 32, 64), (3, 3, 64, 64), (1, 1), same_pad())
+    paths = choose_paths((8, 32, 32, 64), (3, 3, 64, 64), (1, 1), SAME_PAD)
     assert paths.forward == "xla"
     x, kernel = _arrays((2, 5, 5, 4), (3, 3, 6))
-    fn = jax.jit(lambda x, k: layers.conv_general_dilated(x, k, (1, 1), same_pad()))
+    fn = jax.jit(lambda x, k: layers.conv_general_dilated(x, k, (1, 1), SAME_PAD))
     assert "ifjax_conv2d" not in fn.lower(x, kernel).as_text()
     with pytest.raises(RuntimeError, match="not available"):
-        _native.conv2d(x, kernel, (1, 1), same_pad())
+        _native.conv2d(x, kernel, (1, 1), SAME_PAD)
 
 
 @pytest.mark.parametrize(
@@ -582,5 +579,5 @@ def test_cpus_without_avx512_use_xla_convolutions(monkeypatch):
     assert _native.native_available()
     monkeypatch.setattr(_native, "_conv_supported", [False])
     assert not _native.conv2d_available()
-    paths = choose_paths((8, 32, 32, 64), (3, 3, 64, 64), (1, 1), same_pad())
+    paths = choose_paths((8, 32, 32, 64), (3, 3, 64, 64), (1, 1), SAME_PAD)
     assert paths == ConvPaths("xla", "xla", "transposed")

@@ -28,6 +28,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -158,14 +159,7 @@ void ParallelFor(ffi::ThreadPool* pool, int64_t items, int64_t workers, const F&
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
-  for (int64_t t = 1; t < workers; ++t) {
-    pool->Schedule([state, items, fnp = &fn]() {
-      for (int64_t i; (i = state->next.fetch_add(1)) < items;) {
-        (*fnp)(i);
-        state->done.fetch_add(1, std::memory_order_release);
-      }
-    });
-  }
+  for (int64_t t = 1; t < workers; ++t) pool->Schedule([drain]() { drain(); });
   drain();
   while (state->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
@@ -206,9 +200,9 @@ void Conv(const float* x, const float* w, float* y, const Geometry& g, ffi::Thre
     const int64_t n = split ? item / blocks : item;
     const float* xn = x + n * image;
     thread_local std::vector<float> scratch;
-    thread_local std::vector<int64_t> scratch_for;  // the geometry its zero border is for
+    thread_local std::array<int64_t, 7> scratch_for{};  // the geometry its zero border is for
     if (g.padded) {
-      const std::vector<int64_t> key{g.h, g.w, g.c, g.hp, g.wp, g.top, g.left};
+      const std::array<int64_t, 7> key{g.h, g.w, g.c, g.hp, g.wp, g.top, g.left};
       if (scratch_for != key) {  // a fresh zeroed buffer for this geometry
         scratch.assign(image, 0.f);
         scratch_for = key;
