@@ -79,8 +79,9 @@ MODES = ("xla", "auto")
 #: ``train.training.train_step``/``eval_step`` run); ``auto-jaxlib-flags`` and
 #: ``xla-ifjax-flags`` separate the two changes; ``auto-train-flags`` evaluates with the
 #: training options; ``auto-xla-forward`` computes the convolutions themselves with XLA
-#: instead of the native kernel (``IFJAX_NATIVE_CONV=0``); ``matmul``: the matmul path
-#: everywhere.
+#: instead of the native kernel (``IFJAX_NATIVE_CONV=0``); ``auto-native-forward`` uses the
+#: native kernel for the convolutions only, their gradients by XLA as before
+#: (``IFJAX_NATIVE_CONV=forward``); ``matmul``: the matmul path everywhere.
 MODE_SETTINGS = {
     "xla": ("xla", XLA_CPU_DEFAULT_OPTIONS, XLA_CPU_DEFAULT_OPTIONS),
     "auto": ("auto", XLA_CPU_OPTIONS, XLA_CPU_INFERENCE_OPTIONS),
@@ -91,6 +92,12 @@ MODE_SETTINGS = {
         XLA_CPU_OPTIONS,
         XLA_CPU_INFERENCE_OPTIONS,
         {"IFJAX_NATIVE_CONV": "0"},
+    ),
+    "auto-native-forward": (
+        "auto",
+        XLA_CPU_OPTIONS,
+        XLA_CPU_INFERENCE_OPTIONS,
+        {"IFJAX_NATIVE_CONV": "forward"},
     ),
     "xla-ifjax-flags": ("xla", XLA_CPU_OPTIONS, XLA_CPU_INFERENCE_OPTIONS),
     "matmul": ("matmul", XLA_CPU_OPTIONS, XLA_CPU_INFERENCE_OPTIONS),

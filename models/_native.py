@@ -1,12 +1,18 @@
 """Native CPU kernels for what XLA:CPU does slowly, built on first use.
 
-Two kernels, each registered with XLA as an FFI custom call:
+Kernels registered with XLA as FFI custom calls:
 
 * :func:`batch_to_minor`, a transpose (``models/_kernels/transpose.cc``);
 * :func:`conv2d`, a direct float32 convolution for CPUs with AVX-512
   (``models/_kernels/conv.cc``): a block of 6 output pixels x 64 output channels held in
   vector registers, 1.2-2x faster than XLA:CPU's convolution on ResNet18's 3x3 layers
-  (``bench/README.md``). It runs on XLA's intra-op thread pool.
+  (``bench/README.md``). It runs on XLA's intra-op thread pool. It is differentiable:
+  its input gradient (:func:`conv2d_input_grad`) is the same kernel run on the output
+  gradient with the taps rotated (for stride 1), and its kernel gradient
+  (:func:`conv2d_kernel_grad`) a second kernel that accumulates blocks of 6 input x 64
+  output channels over all pixels in registers (2-4x faster than XLA's on the large
+  maps). The three are JAX primitives, each the transpose of the others, so derivatives
+  of any order, forward mode and ``vmap`` work.
 
 XLA:CPU computes the kernel gradient of a convolution as a convolution whose input is the
 activations transposed from (N, H, W, C) to (C, H, W, N). It writes that transpose element by
@@ -22,6 +28,8 @@ atomically. Without a compiler, or if the build fails,
 or with ``IFJAX_NATIVE=0``, :func:`batch_to_minor` is ``jnp.transpose`` (same results) and a
 warning says why once. :func:`conv2d_available` is false then, on CPUs without AVX-512 and
 with ``IFJAX_NATIVE_CONV=0``; :mod:`models.layers` then uses XLA's convolution.
+``IFJAX_NATIVE_CONV=forward`` keeps the kernel for the convolutions themselves but leaves
+their gradients to XLA (the "before" of the benchmarks).
 """
 
 from __future__ import annotations
@@ -39,8 +47,10 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad, batching, mlir
 
 __all__ = [
     "NATIVE_CONV_VARIABLE",
@@ -48,7 +58,10 @@ __all__ = [
     "batch_to_minor",
     "conv2d",
     "conv2d_available",
+    "conv2d_input_grad",
+    "conv2d_kernel_grad",
     "native_available",
+    "native_conv_gradients",
 ]
 
 NATIVE_VARIABLE = "IFJAX_NATIVE"
@@ -61,6 +74,8 @@ _SYMBOL = "IfjaxBatchToMinor"
 _CONV_TARGET = "ifjax_conv2d"
 _CONV_SYMBOL = "IfjaxConv2d"
 _CONV_SUPPORTED = "IfjaxConvSupported"
+_KERNEL_GRAD_TARGET = "ifjax_conv2d_kernel_grad"
+_KERNEL_GRAD_SYMBOL = "IfjaxConv2dKernelGrad"
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
 _lock = threading.Lock()
 _registered: list[str] = []  # the library registered with XLA in this process, if any
@@ -130,7 +145,12 @@ def _load() -> bool:
         try:
             path = _build()
             library = ctypes.cdll.LoadLibrary(str(path))
-            for target, symbol in ((_TARGET, _SYMBOL), (_CONV_TARGET, _CONV_SYMBOL)):
+            targets = (
+                (_TARGET, _SYMBOL),
+                (_CONV_TARGET, _CONV_SYMBOL),
+                (_KERNEL_GRAD_TARGET, _KERNEL_GRAD_SYMBOL),
+            )
+            for target, symbol in targets:
                 capsule = jax.ffi.pycapsule(getattr(library, symbol))
                 jax.ffi.register_ffi_target(target, capsule, platform="cpu")
             _conv_supported.append(bool(getattr(library, _CONV_SUPPORTED)()))
@@ -176,19 +196,238 @@ def conv2d_available() -> bool:
     return bool(_conv_supported and _conv_supported[0])
 
 
+def native_conv_gradients() -> bool:
+    """Whether :mod:`models.layers` computes convolution gradients natively too:
+    :func:`conv2d_available`, and ``IFJAX_NATIVE_CONV`` is not ``forward`` (the forward
+    pass only, gradients by XLA: the "before" of ``bench/README.md``)."""
+    value = os.environ.get(NATIVE_CONV_VARIABLE, "").strip().lower()
+    return value != "forward" and conv2d_available()
+
+
+# ------------------------------------------------------------ convolution primitives
+#
+# Three bilinear primitives, each the transpose of the others in one argument, so that
+# forward- and reverse-mode derivatives of any order stay native:
+#
+#   conv:        y  = conv(x, w)
+#   input_grad:  dx = conv(., w)^T dy   (a convolution of dy with w rotated and transposed)
+#   kernel_grad: dw = conv(x, .)^T dy
+#
+# On the CPU, for float32 on a CPU that runs the kernel, they lower to the native custom
+# calls (input_grad only for stride 1 and padding below the kernel size: anything else is a
+# strided, dilated convolution); everywhere else to XLA's convolutions (their reference).
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _reference_conv(x, w, *, strides, padding):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+def _reference_input_grad(dy, w, *, strides, padding, input_shape):
+    shape = jax.ShapeDtypeStruct((dy.shape[0], *input_shape, w.shape[2]), dy.dtype)
+    conv = functools.partial(_reference_conv, w=w, strides=strides, padding=padding)
+    return jax.linear_transpose(conv, shape)(dy)[0]
+
+
+def _reference_kernel_grad(x, dy, *, strides, padding, kernel_size):
+    shape = jax.ShapeDtypeStruct((*kernel_size, x.shape[3], dy.shape[3]), x.dtype)
+    conv = functools.partial(_reference_conv, x, strides=strides, padding=padding)
+    return jax.linear_transpose(conv, shape)(dy)[0]
+
+
+def _output_shape(x_shape, kernel_size, strides, padding) -> tuple[int, int]:
+    return tuple(
+        (size + lo + hi - k) // s + 1
+        for size, k, s, (lo, hi) in zip(x_shape[1:3], kernel_size, strides, padding, strict=True)
+    )
+
+
+def _make_primitive(name: str, reference, shape_of):
+    primitive = jax.extend.core.Primitive(name)
+
+    @functools.cache
+    def jitted(**params):
+        return jax.jit(functools.partial(primitive.bind, **params))
+
+    primitive.def_impl(lambda a, b, **params: jitted(**params)(a, b))
+    primitive.def_abstract_eval(
+        lambda a, b, **params: jax.core.ShapedArray(shape_of(a.shape, b.shape, **params), a.dtype)
+    )
+    lower_reference = mlir.lower_fun(reference, multiple_results=False)
+    mlir.register_lowering(
+        primitive, lambda ctx, a, b, **params: lower_reference(ctx, a, b, **params)
+    )
+    return primitive, lower_reference
+
+
+def _conv_shape(x, w, *, strides, padding):
+    return (x[0], *_output_shape(x, w[:2], strides, padding), w[3])
+
+
+def _input_grad_shape(dy, w, *, strides, padding, input_shape):
+    return (dy[0], *input_shape, w[2])
+
+
+def _kernel_grad_shape(x, dy, *, strides, padding, kernel_size):
+    return (*kernel_size, x[3], dy[3])
+
+
+_conv_p, _lower_conv = _make_primitive("ifjax_conv2d", _reference_conv, _conv_shape)
+_input_grad_p, _lower_input_grad = _make_primitive(
+    "ifjax_conv2d_input_grad", _reference_input_grad, _input_grad_shape
+)
+_kernel_grad_p, _lower_kernel_grad = _make_primitive(
+    "ifjax_conv2d_kernel_grad", _reference_kernel_grad, _kernel_grad_shape
+)
+
+
+def _attributes(strides, padding) -> dict[str, np.int64]:
+    (sh, sw), ((top, bottom), (left, right)) = strides, padding
+    values = dict(sh=sh, sw=sw, top=top, bottom=bottom, left=left, right=right)
+    return {k: np.int64(v) for k, v in values.items()}
+
+
+def _native_ok(ctx) -> bool:
+    return all(a.dtype == np.float32 for a in ctx.avals_in) and conv2d_available()
+
+
+def _cpu_conv(ctx, x, w, *, strides, padding):
+    if not _native_ok(ctx):
+        return _lower_conv(ctx, x, w, strides=strides, padding=padding)
+    return jax.ffi.ffi_lowering(_CONV_TARGET)(
+        ctx, x, w, flip=np.int64(0), **_attributes(strides, padding)
+    )
+
+
+def _flipped_padding(kernel_size, padding, input_shape, output_shape):
+    """The padding of dy that makes a stride-1 input gradient a plain convolution, or None."""
+    pads = []
+    for k, (lo, _), size, out in zip(kernel_size, padding, input_shape, output_shape, strict=True):
+        new_lo = k - 1 - lo
+        new_hi = size - 1 - (out - 1) - new_lo + (k - 1)  # so that the output has `size` rows
+        if new_lo < 0 or new_hi < 0:
+            return None
+        pads.append((new_lo, new_hi))
+    return tuple(pads)
+
+
+def _cpu_input_grad(ctx, dy, w, *, strides, padding, input_shape):
+    kernel_size = ctx.avals_in[1].shape[:2]
+    pads = _flipped_padding(kernel_size, padding, input_shape, ctx.avals_in[0].shape[1:3])
+    if not _native_ok(ctx) or tuple(strides) != (1, 1) or pads is None:
+        return _lower_input_grad(
+            ctx, dy, w, strides=strides, padding=padding, input_shape=input_shape
+        )
+    attributes = _attributes((1, 1), pads)
+    return jax.ffi.ffi_lowering(_CONV_TARGET)(ctx, dy, w, flip=np.int64(1), **attributes)
+
+
+def _cpu_kernel_grad(ctx, x, dy, *, strides, padding, kernel_size):
+    if not _native_ok(ctx):
+        return _lower_kernel_grad(
+            ctx, x, dy, strides=strides, padding=padding, kernel_size=kernel_size
+        )
+    return jax.ffi.ffi_lowering(_KERNEL_GRAD_TARGET)(ctx, x, dy, **_attributes(strides, padding))
+
+
+mlir.register_lowering(_conv_p, _cpu_conv, platform="cpu")
+mlir.register_lowering(_input_grad_p, _cpu_input_grad, platform="cpu")
+mlir.register_lowering(_kernel_grad_p, _cpu_kernel_grad, platform="cpu")
+
+# Transposes: <conv(x, w), dy> = <input_grad(dy, w), x> = <kernel_grad(x, dy), w>.
+ad.defbilinear(
+    _conv_p,
+    lambda ct, x, w, *, strides, padding: _input_grad_p.bind(
+        ct, w, strides=strides, padding=padding, input_shape=tuple(x.aval.shape[1:3])
+    ),
+    lambda ct, x, w, *, strides, padding: _kernel_grad_p.bind(
+        x, ct, strides=strides, padding=padding, kernel_size=tuple(w.aval.shape[:2])
+    ),
+)
+ad.defbilinear(
+    _input_grad_p,
+    lambda ct, dy, w, *, strides, padding, input_shape: _conv_p.bind(
+        ct, w, strides=strides, padding=padding
+    ),
+    lambda ct, dy, w, *, strides, padding, input_shape: _kernel_grad_p.bind(
+        ct, dy, strides=strides, padding=padding, kernel_size=tuple(w.aval.shape[:2])
+    ),
+)
+ad.defbilinear(
+    _kernel_grad_p,
+    lambda ct, x, dy, *, strides, padding, kernel_size: _input_grad_p.bind(
+        dy, ct, strides=strides, padding=padding, input_shape=tuple(x.aval.shape[1:3])
+    ),
+    lambda ct, x, dy, *, strides, padding, kernel_size: _conv_p.bind(
+        x, ct, strides=strides, padding=padding
+    ),
+)
+
+
+def _batch_rule(primitive, fold_first: bool):
+    """vmap: with only the first operand batched (and ``fold_first``), the batch axis is folded
+    into the images; otherwise one call per element (``lax.map``)."""
+
+    def rule(args, dims, **params):
+        (a, b), (da, db) = args, dims
+        if db is None and fold_first:
+            a = jnp.moveaxis(a, da, 0)
+            out = primitive.bind(a.reshape(-1, *a.shape[2:]), b, **params)
+            return out.reshape(a.shape[0], -1, *out.shape[1:]), 0
+        if da is None:
+            return jax.lax.map(
+                lambda b1: primitive.bind(a, b1, **params), jnp.moveaxis(b, db, 0)
+            ), 0
+        a = jnp.moveaxis(a, da, 0)
+        if db is None:
+            return jax.lax.map(lambda a1: primitive.bind(a1, b, **params), a), 0
+        b = jnp.moveaxis(b, db, 0)
+        return jax.lax.map(lambda ab: primitive.bind(*ab, **params), (a, b)), 0
+
+    return rule
+
+
+batching.primitive_batchers[_conv_p] = _batch_rule(_conv_p, fold_first=True)
+batching.primitive_batchers[_input_grad_p] = _batch_rule(_input_grad_p, fold_first=True)
+batching.primitive_batchers[_kernel_grad_p] = _batch_rule(_kernel_grad_p, fold_first=False)
+
+
+def _static(strides, padding) -> tuple[tuple[int, int], Padding]:
+    strides = tuple(int(s) for s in strides)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if len(strides) != 2 or min(strides) < 1 or len(padding) != 2 or min(min(padding)) < 0:
+        raise ValueError(
+            f"strides {strides} and padding {padding}: 2 positive and 2 pairs of non-negative"
+        )
+    return strides, padding
+
+
+def _check_float32(name: str, *arrays) -> None:
+    dtypes = [a.dtype for a in arrays]
+    if any(d != jnp.float32 for d in dtypes):
+        raise TypeError(f"{name}: float32 only, got {', '.join(map(str, dtypes))}")
+    if not conv2d_available():
+        raise RuntimeError(f"{name}: the native convolution is not available here")
+
+
 def conv2d(
     x: jax.Array,
     kernel: jax.Array,
     strides: tuple[int, int],
-    padding: tuple[tuple[int, int], tuple[int, int]],
+    padding: Padding,
 ) -> jax.Array:
     """``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC",
-    "HWIO", "NHWC"))`` for float32, computed by the native kernel.
+    "HWIO", "NHWC"))`` for float32, computed by the native kernel, derivatives included.
 
-    Forward only (no derivative rule; :mod:`models.layers` supplies the gradients). Call it
-    only where :func:`conv2d_available` is true, on the CPU backend. Every output element
-    is one float32 sum over (kh, kw, I) in that order, so results equal XLA's to float
-    rounding. Batched by ``vmap`` one call per element.
+    Differentiable in both arguments, to any order, in forward and reverse mode: its
+    transposes are :func:`conv2d_input_grad` and :func:`conv2d_kernel_grad`, native too.
+    Batched by ``vmap``: a batched input with a shared kernel is one call over all images;
+    batched kernels one call per element. Call it only where :func:`conv2d_available` is
+    true, on the CPU backend (other backends compute XLA's convolution). Every output
+    element is one float32 sum over (kh, kw, I) in that order, so results equal XLA's to
+    float rounding.
 
     Args:
       x: (N, H, W, I) float32.
@@ -199,16 +438,39 @@ def conv2d(
     Returns:
       (N, Ho, Wo, O) float32.
     """
-    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-        raise TypeError(f"conv2d: float32 only, got {x.dtype} and {kernel.dtype}")
-    if not conv2d_available():
-        raise RuntimeError("conv2d: the native convolution is not available here")
-    (sh, sw), ((top, bottom), (left, right)) = strides, padding
-    n, h, w, _ = x.shape
-    kh, kw, _, o = kernel.shape
-    out = ((h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1)
-    call = jax.ffi.ffi_call(
-        _CONV_TARGET, jax.ShapeDtypeStruct((n, *out, o), x.dtype), vmap_method="sequential"
-    )
-    attrs = dict(sh=sh, sw=sw, top=top, bottom=bottom, left=left, right=right)
-    return call(x, kernel, **{k: np.int64(v) for k, v in attrs.items()})
+    _check_float32("conv2d", x, kernel)
+    strides, padding = _static(strides, padding)
+    return _conv_p.bind(x, kernel, strides=strides, padding=padding)
+
+
+def conv2d_input_grad(
+    dy: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    padding: Padding,
+    input_shape: tuple[int, int],
+) -> jax.Array:
+    """The gradient of :func:`conv2d` with respect to its input: (N, H, W, I) from dy
+    (N, Ho, Wo, O), for an input map ``input_shape`` (H, W). Native for stride 1 and
+    padding below the kernel size (a convolution of dy with the kernel rotated by 180
+    degrees); XLA's transposed convolution otherwise."""
+    _check_float32("conv2d_input_grad", dy, kernel)
+    strides, padding = _static(strides, padding)
+    shape = tuple(int(s) for s in input_shape)
+    return _input_grad_p.bind(dy, kernel, strides=strides, padding=padding, input_shape=shape)
+
+
+def conv2d_kernel_grad(
+    x: jax.Array,
+    dy: jax.Array,
+    strides: tuple[int, int],
+    padding: Padding,
+    kernel_size: tuple[int, int],
+) -> jax.Array:
+    """The gradient of :func:`conv2d` with respect to its kernel: (kh, kw, I, O) from the
+    input x (N, H, W, I) and dy (N, Ho, Wo, O). Each image range sums into its own copy,
+    added in a fixed order, so results are deterministic."""
+    _check_float32("conv2d_kernel_grad", x, dy)
+    strides, padding = _static(strides, padding)
+    size = tuple(int(s) for s in kernel_size)
+    return _kernel_grad_p.bind(x, dy, strides=strides, padding=padding, kernel_size=size)

@@ -16,9 +16,10 @@ and kernel gradients, by whichever of two paths is faster for that shape:
 
 * ``"transposed"`` (kernel gradient only): XLA's convolution, its input made batch-minor
   by the native kernel of :mod:`models._native` instead of XLA's slow transpose.
-* ``"native"`` (the convolution itself only): the direct AVX-512 float32 convolution of
-  :mod:`models._native` (1.2-2x faster than XLA's on 3x3 layers); other dtypes, and CPUs
-  without AVX-512, use XLA's.
+* ``"native"``: the direct AVX-512 float32 kernels of :mod:`models._native`, for the
+  convolution (1.2-2x faster than XLA's on 3x3 layers), its input gradient (the same
+  kernel on the rotated taps, stride 1) and its kernel gradient (2-4x faster than XLA's
+  on 32x32 and 16x16 maps); other dtypes, and CPUs without AVX-512, use XLA's.
 
 The choice, :func:`choose_paths`, depends on static shapes only and was measured on a
 2-core x86 CPU (``bench/README.md``). Other backends keep ``lax.conv_general_dilated``.
@@ -105,8 +106,8 @@ Padding = tuple[tuple[int, int], ...]
 class ConvPaths(NamedTuple):
     """How a convolution and its two gradients are computed: ``"xla"`` or ``"matmul"``,
     for the kernel gradient also ``"transposed"`` (XLA's convolution of the input made
-    batch-minor by :func:`models._native.batch_to_minor`), and for the convolution itself
-    also ``"native"`` (:func:`models._native.conv2d` for float32, else XLA's).
+    batch-minor by :func:`models._native.batch_to_minor`), and ``"native"``
+    (:func:`models._native.conv2d` and its native gradients for float32, else XLA's).
 
     Attributes:
       forward: the convolution itself.
@@ -291,6 +292,7 @@ def choose_paths(
     padding: Padding,
     native: bool | None = None,
     native_conv: bool | None = None,
+    native_grads: bool | None = None,
 ) -> ConvPaths:
     """The faster paths on XLA:CPU for a 2-D convolution of these static shapes.
 
@@ -310,10 +312,13 @@ def choose_paths(
     * kernel gradients other than the matmul ones: ``"transposed"`` (XLA's convolution,
       its input transposed by the native kernel of :mod:`models._native`, 1.1x faster
       ResNet18 training steps) when that kernel is available, else ``"xla"``;
-    * the convolution itself, for every kernel but 1x1: ``"native"`` (the direct
-      AVX-512 convolution of :mod:`models._native`: 1.2-1.4x faster than XLA on
-      ResNet18's 3x3 layers, as fast on strided ones, 100x on 2x2 maps) when it is
-      available; 1x1 kernels stay a plain matrix product.
+    * with the native kernels (:mod:`models._native`: an AVX-512 CPU, float32), every
+      kernel but 1x1 computes its forward pass and kernel gradient natively (1.2-1.4x and
+      2-4x faster than XLA on ResNet18's 3x3 layers, 100x on 2x2 maps), and its input
+      gradient natively where that is a plain convolution (stride 1, padding below the
+      kernel size) of a map at least as large as the kernel; other input gradients take
+      the matmul path. ``IFJAX_NATIVE_CONV=forward`` (``native_grads=False``) keeps the
+      rules above for the gradients.
 
     Args:
       input_shape: (N, H, W, I).
@@ -324,6 +329,8 @@ def choose_paths(
         (building it on first use, see :mod:`models._native`).
       native_conv: whether the native convolution is available (the same library, an
         AVX-512 CPU, ``IFJAX_NATIVE_CONV`` not ``0``); ``None``: find out.
+      native_grads: whether its gradients are native too (``IFJAX_NATIVE_CONV`` not
+        ``forward``); ``None``: find out.
 
     Returns:
       The :class:`ConvPaths` to use.
@@ -335,8 +342,17 @@ def choose_paths(
         return ALL_MATMUL
     if native_conv is None:
         native_conv = _native.conv2d_available()
+    small = out_h < kh or out_w < kw
+    if native_grads is None:
+        native_grads = native_conv and _native.native_conv_gradients()
+    if native_conv and native_grads:
+        flippable = max(strides) == 1 and all(
+            lo < k and hi < k for k, (lo, hi) in zip((kh, kw), padding, strict=True)
+        )
+        input_grad = "native" if flippable and not small else "matmul"
+        return ConvPaths("native", input_grad, "native")
     forward = "native" if native_conv else None
-    if out_h < kh or out_w < kw:
+    if small:
         return ConvPaths(forward or "matmul", "matmul", "matmul")
     if native is None:
         native = _native.native_available()

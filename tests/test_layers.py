@@ -3,6 +3,7 @@
 import ctypes
 import functools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ TOLERANCE = {"rtol": 2e-5, "atol": 2e-5}
 # float32 sums of up to 405 products of N(0, 1) values (magnitudes up to ~60) in another order
 NATIVE_TOLERANCE = {"rtol": 2e-5, "atol": 5e-5}
 SAME_PAD = ((1, 1), (1, 1))
+ALL_NATIVE = ConvPaths("native", "native", "native")
 MIXED = (
     ALL_MATMUL,
     ConvPaths("xla", "matmul", "xla"),
@@ -45,6 +47,9 @@ MIXED = (
     ConvPaths("xla", "matmul", "transposed"),
     ConvPaths("native", "xla", "transposed"),
     ConvPaths("native", "matmul", "matmul"),
+    ConvPaths("native", "native", "native"),
+    ConvPaths("native", "matmul", "native"),
+    ConvPaths("xla", "native", "xla"),
 )
 NATIVE_CONV = pytest.mark.skipif(
     not _native.conv2d_available(), reason="the native convolution needs an AVX-512 CPU"
@@ -96,6 +101,7 @@ def test_forward_and_gradients_equal_lax(input_shape, kernel_spec, strides, padd
         ALL_MATMUL,
         ConvPaths("xla", "matmul", "transposed"),
         ConvPaths("native", "xla", "transposed"),
+        ConvPaths("native", "native", "native"),
     ],
     ids=str,
 )
@@ -126,8 +132,8 @@ def test_native_kernel_is_built_and_used():
     text = jax.jit(_native.batch_to_minor).lower(x).as_text()
     assert "ifjax_batch_to_minor" in text
     choose = choose_paths((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
-    forward = "native" if _native.conv2d_available() else "xla"
-    assert choose == ConvPaths(forward, "xla", "transposed")
+    native = _native.conv2d_available()
+    assert choose == (ALL_NATIVE if native else ConvPaths("xla", "xla", "transposed"))
 
 
 # (input N, H, W, I), (kh, kw, O), strides, padding: every remainder of the 64-channel
@@ -174,6 +180,113 @@ def test_native_conv2d_is_deterministic_and_keeps_padding_zero_between_geometrie
     np.testing.assert_array_equal(conv(a, ka), first)
 
 
+def _custom_calls(text: str) -> list[str]:
+    return sorted(re.findall(r"custom_call @(ifjax_\w+)", text))
+
+
+@NATIVE_CONV
+@pytest.mark.parametrize("input_shape,kernel_spec,strides,padding", NATIVE_CASES)
+def test_native_conv2d_gradients_equal_lax(input_shape, kernel_spec, strides, padding):
+    x, kernel = _arrays(input_shape, kernel_spec, seed=4)
+    native = lambda x, k: _native.conv2d(x, k, strides, padding)
+    reference = lambda x, k: _reference(x, k, strides, padding)
+    y = reference(x, kernel)
+    dy = jnp.asarray(np.random.default_rng(5).normal(size=y.shape), jnp.float32)
+    vjp = lambda f: jax.jit(lambda x, k, dy: jax.vjp(f, x, k)[1](dy))
+    got, want = vjp(native)(x, kernel, dy), vjp(reference)(x, kernel, dy)
+    assert_trees_equal(got, want, **NATIVE_TOLERANCE)
+    # the gradients as functions of their own
+    input_grad = _native.conv2d_input_grad(dy, kernel, strides, padding, input_shape[1:3])
+    np.testing.assert_allclose(input_grad, want[0], **NATIVE_TOLERANCE)
+    kernel_grad = _native.conv2d_kernel_grad(x, dy, strides, padding, kernel_spec[:2])
+    np.testing.assert_allclose(kernel_grad, want[1], **NATIVE_TOLERANCE)
+    # both gradients are custom calls; no XLA convolution where the input gradient is a
+    # plain convolution (stride 1, padding below the kernel size)
+    text = vjp(native).lower(x, kernel, dy).as_text()
+    plain = strides == (1, 1) and all(
+        p < k for k, pair in zip(kernel_spec[:2], padding, strict=True) for p in pair
+    )
+    calls = ["ifjax_conv2d"] * plain + ["ifjax_conv2d_kernel_grad"]  # the input gradient
+    assert _custom_calls(text) == calls
+    assert ("convolution" in text) != plain
+    # forward mode, and second order (the gradient's own gradient)
+    tangents = (0.5 * x, -kernel)
+    assert_trees_equal(
+        jax.jvp(native, (x, kernel), tangents),
+        jax.jvp(reference, (x, kernel), tangents),
+        **NATIVE_TOLERANCE,
+    )
+
+    def second(f):
+        inner = lambda k: jnp.sum(jax.grad(lambda x: jnp.sum(f(x, k) ** 2))(x) ** 2)
+        return jax.jit(jax.grad(inner))(kernel)
+
+    want = second(reference)  # sums of large terms that cancel: tolerance relative to the scale
+    np.testing.assert_allclose(second(native), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@NATIVE_CONV
+def test_native_conv2d_under_vmap_folds_shared_kernels_and_maps_per_replica_ones():
+    x, kernel = _arrays((3, 6, 5, 12), (3, 3, 20), seed=7)
+    stacked, kernels = jnp.stack([x, -2 * x]), jnp.stack([kernel, 0.5 * kernel])
+    native = lambda x, k: _native.conv2d(x, k, (1, 1), SAME_PAD)
+    reference = lambda x, k: _reference(x, k, (1, 1), SAME_PAD)
+    for axes, args in (((0, None), (stacked, kernel)), ((None, 0), (x, kernels))):
+        got = jax.vmap(native, axes)(*args)
+        np.testing.assert_allclose(got, jax.vmap(reference, axes)(*args), **NATIVE_TOLERANCE)
+    # a shared kernel: one call over all 2 x 3 images (no loop)
+    text = jax.jit(jax.vmap(native, (0, None))).lower(stacked, kernel).as_text()
+    assert "while" not in text and _custom_calls(text) == ["ifjax_conv2d"]
+    # per-replica gradients (split-data training vmaps this)
+    loss = lambda f: jax.vmap(jax.grad(lambda x, k: jnp.sum(f(x, k) ** 2), (0, 1)))
+    assert_trees_equal(
+        loss(native)(stacked, kernels), loss(reference)(stacked, kernels), **NATIVE_TOLERANCE
+    )
+    # per-example kernel gradients with a shared input
+    per_example = lambda f: jax.vmap(jax.grad(lambda k, dy: jnp.sum(f(x, k) * dy)), (None, 0))
+    dys = jnp.stack([jnp.ones((3, 6, 5, 20)), -jnp.ones((3, 6, 5, 20))])
+    np.testing.assert_allclose(
+        per_example(native)(kernel, dys),
+        per_example(reference)(kernel, dys),
+        **NATIVE_TOLERANCE,
+    )
+
+
+@NATIVE_CONV
+def test_native_kernel_gradient_is_deterministic():
+    # 64 output channels and 40 images: several image ranges summed in a fixed order
+    x, _ = _arrays((40, 8, 8, 16), (3, 3, 64), seed=8)
+    dy = jnp.asarray(np.random.default_rng(9).normal(size=(40, 8, 8, 64)), jnp.float32)
+    grad = jax.jit(lambda x, dy: _native.conv2d_kernel_grad(x, dy, (1, 1), SAME_PAD, (3, 3)))
+    first = np.asarray(grad(x, dy))
+    for _ in range(3):
+        np.testing.assert_array_equal(grad(x, dy), first)
+    want = jax.linear_transpose(
+        lambda k: _reference(x, k, (1, 1), SAME_PAD), jnp.zeros((3, 3, 16, 64))
+    )(dy)[0]
+    np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-3)
+
+
+@NATIVE_CONV
+def test_native_primitives_lower_to_xla_where_the_kernel_is_unavailable(monkeypatch):
+    # e.g. a function traced here and lowered for another backend, or after
+    # IFJAX_NATIVE_CONV=0: the primitives' reference lowering is XLA's convolution
+    x, kernel = _arrays((2, 5, 5, 4), (3, 3, 6))
+    dy = jnp.ones((2, 5, 5, 6))
+
+    def fn(x, k, dy):  # a function of its own: nothing traced or lowered before
+        y, vjp = jax.vjp(lambda x, k: _native.conv2d(x, k, (1, 1), SAME_PAD), x, k)
+        return (y, *vjp(dy))
+
+    reference = lambda x, k: _reference(x, k, (1, 1), SAME_PAD)
+    y, vjp = jax.vjp(reference, x, kernel)
+    traced = jax.jit(fn).trace(x, kernel, dy)
+    monkeypatch.setenv(_native.NATIVE_CONV_VARIABLE, "0")
+    lowered = traced.lower()
+    assert _custom_calls(lowered.as_text()) == [] and "convolution" in lowered.as_text()
+    assert_trees_equal(lowered.compile()(x, kernel, dy), (y, *vjp(dy)), **NATIVE_TOLERANCE)
+
+
 @NATIVE_CONV
 def test_native_conv_runs_in_models_and_not_for_other_dtypes():
     model = resnet18(num_classes=10, widths=(8, 16, 16, 32))
@@ -201,6 +314,27 @@ def test_native_conv_can_be_switched_off(monkeypatch):
     assert "ifjax_conv2d" not in fn.lower(x, kernel).as_text()
     with pytest.raises(RuntimeError, match="not available"):
         _native.conv2d(x, kernel, (1, 1), SAME_PAD)
+
+
+@NATIVE_CONV
+def test_native_conv_gradients_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv(_native.NATIVE_CONV_VARIABLE, "forward")
+    assert _native.conv2d_available() and not _native.native_conv_gradients()
+    paths = choose_paths((8, 32, 32, 64), (3, 3, 64, 64), (1, 1), SAME_PAD)
+    assert paths == ConvPaths("native", "xla", "transposed")
+    x, kernel = _arrays((2, 5, 5, 4), (3, 3, 6))
+
+    def custom_calls(paths):  # paths given: conv_general_dilated is traced afresh
+        loss = lambda x, k: jnp.sum(layers.conv_general_dilated(x, k, (1, 1), SAME_PAD, paths) ** 2)
+        return _custom_calls(jax.jit(jax.grad(loss, (0, 1))).lower(x, kernel).as_text())
+
+    paths = choose_paths(x.shape, kernel.shape, (1, 1), SAME_PAD)
+    assert paths == ConvPaths("native", "xla", "transposed")
+    assert custom_calls(paths) == ["ifjax_batch_to_minor", "ifjax_conv2d"]
+    monkeypatch.delenv(_native.NATIVE_CONV_VARIABLE)
+    paths = choose_paths(x.shape, kernel.shape, (1, 1), SAME_PAD)
+    assert paths == ALL_NATIVE
+    assert custom_calls(paths) == ["ifjax_conv2d", "ifjax_conv2d", "ifjax_conv2d_kernel_grad"]
 
 
 @pytest.mark.parametrize(
@@ -284,8 +418,10 @@ def test_choose_paths_follows_the_measured_rules():
         matmul_input_grad = ConvPaths("xla", "matmul", kernel_grad)
         assert choose((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), same) == matmul_input_grad
         assert choose((128, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == matmul_input_grad
-        # with the native convolution: every forward pass but 1x1 kernels
-        native_conv = functools.partial(choose_paths, native=native, native_conv=True)
+        # the native convolution for the forward pass only (IFJAX_NATIVE_CONV=forward)
+        native_conv = functools.partial(
+            choose_paths, native=native, native_conv=True, native_grads=False
+        )
         small = native_conv((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), same)
         assert small == ConvPaths("native", "matmul", "matmul")
         one_by_one = native_conv((128, 8, 8, 256), (1, 1, 256, 512), (2, 2), ((0, 0), (0, 0)))
@@ -294,6 +430,23 @@ def test_choose_paths_follows_the_measured_rules():
         assert plain == ConvPaths("native", "xla", kernel_grad)
         strided = native_conv((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), same)
         assert strided == ConvPaths("native", "matmul", kernel_grad)
+        # native gradients too: every kernel but 1x1; input gradients where they are a
+        # plain convolution (stride 1, padding below the kernel) of a map at least as big as
+        # the kernel, else the matmul path
+        native_all = functools.partial(
+            choose_paths, native=native, native_conv=True, native_grads=True
+        )
+        assert native_all((128, 32, 32, 64), (3, 3, 64, 64), (1, 1), same) == ALL_NATIVE
+        assert native_all((128, 32, 32, 3), (3, 3, 3, 64), (1, 1), same) == ALL_NATIVE
+        assert native_all((128, 4, 4, 512), (3, 3, 512, 512), (1, 1), same) == ALL_NATIVE
+        matmul_input_grad = ConvPaths("native", "matmul", "native")
+        assert native_all((128, 2, 2, 512), (3, 3, 512, 512), (1, 1), same) == matmul_input_grad
+        strided = native_all((128, 32, 32, 64), (3, 3, 64, 128), (2, 2), same)
+        assert strided == matmul_input_grad
+        wide = native_all((128, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((3, 3), (1, 1)))
+        assert wide == matmul_input_grad
+        one_by_one = native_all((128, 8, 8, 256), (1, 1, 256, 512), (2, 2), ((0, 0), (0, 0)))
+        assert one_by_one == ALL_MATMUL
 
 
 def _python(code: str, **env: str) -> str:
@@ -572,7 +725,8 @@ def test_native_conv_stub_builds_without_avx512(tmp_path):
     subprocess.run(command, check=True, capture_output=True)
     loaded = ctypes.cdll.LoadLibrary(str(library))
     assert loaded.IfjaxConvSupported() == 0
-    assert hasattr(loaded, _native._SYMBOL) and hasattr(loaded, _native._CONV_SYMBOL)
+    symbols = (_native._SYMBOL, _native._CONV_SYMBOL, _native._KERNEL_GRAD_SYMBOL)
+    assert all(hasattr(loaded, symbol) for symbol in symbols)
 
 
 def test_cpus_without_avx512_use_xla_convolutions(monkeypatch):
