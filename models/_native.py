@@ -45,6 +45,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.extend
@@ -227,7 +228,12 @@ def _reference_conv(x, w, *, strides, padding):
 
 def _reference_input_grad(dy, w, *, strides, padding, input_shape):
     shape = jax.ShapeDtypeStruct((dy.shape[0], *input_shape, w.shape[2]), dy.dtype)
-    conv = functools.partial(_reference_conv, w=w, strides=strides, padding=padding)
+
+    def conv(x):  # padded explicitly: XLA:CPU (jaxlib 0.10.2) computes the input gradient
+        # wrongly for some paddings larger than the kernel, e.g. ((3, 0), (2, 2)) with 2x2
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+        return _reference_conv(x, w, strides=strides, padding=((0, 0), (0, 0)))
+
     return jax.linear_transpose(conv, shape)(dy)[0]
 
 
@@ -301,27 +307,83 @@ def _cpu_conv(ctx, x, w, *, strides, padding):
     )
 
 
-def _flipped_padding(kernel_size, padding, input_shape, output_shape):
-    """The padding of dy that makes a stride-1 input gradient a plain convolution, or None."""
-    pads = []
-    for k, (lo, _), size, out in zip(kernel_size, padding, input_shape, output_shape, strict=True):
-        new_lo = k - 1 - lo
-        new_hi = size - 1 - (out - 1) - new_lo + (k - 1)  # so that the output has `size` rows
-        if new_lo < 0 or new_hi < 0:
-            return None
-        pads.append((new_lo, new_hi))
-    return tuple(pads)
+class _Phase(NamedTuple):
+    """One phase of a strided input gradient along one spatial axis: the input rows
+    ``first, first + s, ...`` (``count`` of them) get the taps ``a, a + s, ...`` (``taps``
+    of them), as a stride-1 convolution of the output gradient padded by ``pad`` (negative:
+    cropped) with those taps rotated."""
+
+    a: int
+    taps: int
+    first: int
+    count: int
+    pad: tuple[int, int]
+
+
+def _phases(k: int, s: int, lo: int, size: int, out: int) -> list[_Phase]:
+    # dx[h] = sum_t dy[q - t] w[a + s t] for h + lo = q s + a: one phase per residue a.
+    phases = []
+    for a in range(s):
+        taps = max(0, -(-(k - a) // s))
+        q0, q1 = -(-(lo - a) // s), (size - 1 + lo - a) // s
+        count = max(0, q1 - q0 + 1)
+        before = taps - 1 - q0
+        phases.append(
+            _Phase(a, taps, q0 * s + a - lo, count, (before, count + taps - 1 - out - before))
+        )
+    return phases
+
+
+def _phase_input_grad(dy, w, *, strides, padding, input_shape):
+    """The input gradient as stride-1 native convolutions, one per phase (s_h x s_w of
+    them), interleaved into dx by XLA (for stride 1: one convolution, nothing to
+    interleave)."""
+    n, c = dy.shape[0], w.shape[2]
+    axes = [
+        _phases(k, s, lo, size, out)
+        for k, s, (lo, _), size, out in zip(
+            w.shape[:2], strides, padding, input_shape, dy.shape[1:3], strict=True
+        )
+    ]
+    rows = [-(-size // s) for size, s in zip(input_shape, strides, strict=True)]
+    grid = [[None] * strides[1] for _ in range(strides[0])]
+    for ph in axes[0]:
+        for pw in axes[1]:
+            shape = (n, ph.count, pw.count, c)
+            if ph.taps == 0 or pw.taps == 0 or ph.count == 0 or pw.count == 0:
+                z = jnp.zeros(shape, dy.dtype)
+            else:
+                sub = jax.lax.slice(w, (ph.a, pw.a, 0, 0), w.shape, (strides[0], strides[1], 1, 1))
+                crop = [(max(0, -lo), max(0, -hi)) for lo, hi in (ph.pad, pw.pad)]
+                part = dy
+                if any(any(pair) for pair in crop):
+                    part = jax.lax.pad(
+                        dy,
+                        jnp.zeros((), dy.dtype),
+                        (
+                            (0, 0, 0),
+                            (-crop[0][0], -crop[0][1], 0),
+                            (-crop[1][0], -crop[1][1], 0),
+                            (0, 0, 0),
+                        ),
+                    )
+                pads = tuple((max(0, lo), max(0, hi)) for lo, hi in (ph.pad, pw.pad))
+                call = jax.ffi.ffi_call(_CONV_TARGET, jax.ShapeDtypeStruct(shape, dy.dtype))
+                z = call(part, sub, flip=np.int64(1), **_attributes((1, 1), pads))
+            if strides == (1, 1):
+                return z
+            z = jnp.pad(z, ((0, 0), (0, rows[0] - ph.count), (0, rows[1] - pw.count), (0, 0)))
+            grid[ph.first][pw.first] = z
+    stacked = jnp.stack([jnp.stack(row, axis=3) for row in grid], axis=2)  # n, Mh, sh, Mw, sw, c
+    dx = stacked.reshape(n, rows[0] * strides[0], rows[1] * strides[1], c)
+    return dx[:, : input_shape[0], : input_shape[1]]
 
 
 def _cpu_input_grad(ctx, dy, w, *, strides, padding, input_shape):
-    kernel_size = ctx.avals_in[1].shape[:2]
-    pads = _flipped_padding(kernel_size, padding, input_shape, ctx.avals_in[0].shape[1:3])
-    if not _native_ok(ctx) or tuple(strides) != (1, 1) or pads is None:
-        return _lower_input_grad(
-            ctx, dy, w, strides=strides, padding=padding, input_shape=input_shape
-        )
-    attributes = _attributes((1, 1), pads)
-    return jax.ffi.ffi_lowering(_CONV_TARGET)(ctx, dy, w, flip=np.int64(1), **attributes)
+    params = dict(strides=strides, padding=padding, input_shape=input_shape)
+    if not _native_ok(ctx):
+        return _lower_input_grad(ctx, dy, w, **params)
+    return mlir.lower_fun(functools.partial(_phase_input_grad, **params), False)(ctx, dy, w)
 
 
 def _cpu_kernel_grad(ctx, x, dy, *, strides, padding, kernel_size):

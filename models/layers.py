@@ -17,9 +17,10 @@ and kernel gradients, by whichever of two paths is faster for that shape:
 * ``"transposed"`` (kernel gradient only): XLA's convolution, its input made batch-minor
   by the native kernel of :mod:`models._native` instead of XLA's slow transpose.
 * ``"native"``: the direct AVX-512 float32 kernels of :mod:`models._native`, for the
-  convolution (1.2-2x faster than XLA's on 3x3 layers), its input gradient (the same
-  kernel on the rotated taps, stride 1) and its kernel gradient (2-4x faster than XLA's
-  on 32x32 and 16x16 maps); other dtypes, and CPUs without AVX-512, use XLA's.
+  convolution (1.1-1.6x faster than XLA's on 3x3 layers), its input gradient (the same
+  kernel on the rotated taps, one call per stride phase) and its kernel gradient (1.5-2.8x
+  faster than XLA's on 32x32 and 16x16 maps); other dtypes, and CPUs without AVX-512,
+  use XLA's.
 
 The choice, :func:`choose_paths`, depends on static shapes only and was measured on a
 2-core x86 CPU (``bench/README.md``). Other backends keep ``lax.conv_general_dilated``.
@@ -313,12 +314,12 @@ def choose_paths(
       its input transposed by the native kernel of :mod:`models._native`, 1.1x faster
       ResNet18 training steps) when that kernel is available, else ``"xla"``;
     * with the native kernels (:mod:`models._native`: an AVX-512 CPU, float32), every
-      kernel but 1x1 computes its forward pass and kernel gradient natively (1.2-1.4x and
-      2-4x faster than XLA on ResNet18's 3x3 layers, 100x on 2x2 maps), and its input
-      gradient natively where that is a plain convolution (stride 1, padding below the
-      kernel size) of a map at least as large as the kernel; other input gradients take
-      the matmul path. ``IFJAX_NATIVE_CONV=forward`` (``native_grads=False``) keeps the
-      rules above for the gradients.
+      kernel but 1x1 computes its forward pass, kernel gradient and input gradient
+      natively (1.1-1.6x, 1.0-2.8x and 1.2-2.9x faster than XLA on ResNet18's 3x3 layers,
+      100x on 2x2 maps), except the input gradient of output maps smaller than the
+      kernel (VGG's 2x2 maps), where the matmul path is faster.
+      ``IFJAX_NATIVE_CONV=forward`` (``native_grads=False``) keeps the rules above for
+      the gradients.
 
     Args:
       input_shape: (N, H, W, I).
@@ -346,11 +347,7 @@ def choose_paths(
     if native_grads is None:
         native_grads = native_conv and _native.native_conv_gradients()
     if native_conv and native_grads:
-        flippable = max(strides) == 1 and all(
-            lo < k and hi < k for k, (lo, hi) in zip((kh, kw), padding, strict=True)
-        )
-        input_grad = "native" if flippable and not small else "matmul"
-        return ConvPaths("native", input_grad, "native")
+        return ConvPaths("native", "matmul" if small else "native", "native")
     forward = "native" if native_conv else None
     if small:
         return ConvPaths(forward or "matmul", "matmul", "matmul")
