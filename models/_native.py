@@ -8,7 +8,7 @@ Kernels registered with XLA as FFI custom calls:
   vector registers, 1.2-2x faster than XLA:CPU's convolution on ResNet18's 3x3 layers
   (``bench/README.md``). It runs on XLA's intra-op thread pool. It is differentiable:
   its input gradient (:func:`conv2d_input_grad`) is the same kernel run on the output
-  gradient with the taps rotated (for stride 1), and its kernel gradient
+  gradient with the taps rotated (one call per phase of the stride), and its kernel gradient
   (:func:`conv2d_kernel_grad`) a second kernel that accumulates blocks of 6 input x 64
   output channels over all pixels in registers (2-4x faster than XLA's on the large
   maps). The three are JAX primitives, each the transpose of the others, so derivatives
@@ -513,9 +513,13 @@ def conv2d_input_grad(
     input_shape: tuple[int, int],
 ) -> jax.Array:
     """The gradient of :func:`conv2d` with respect to its input: (N, H, W, I) from dy
-    (N, Ho, Wo, O), for an input map ``input_shape`` (H, W). Native for stride 1 and
-    padding below the kernel size (a convolution of dy with the kernel rotated by 180
-    degrees); XLA's transposed convolution otherwise."""
+    (N, Ho, Wo, O), for an input map ``input_shape`` (H, W).
+
+    For stride 1 it is one native convolution of dy (padded by ``k - 1 - padding``,
+    cropped where that is negative) with the kernel rotated by 180 degrees and its
+    channel axes swapped. For stride s, input rows ``h`` with the same ``(h + top) mod s``
+    form a phase that only the taps ``a, a + s, ...`` reach: one such stride-1 convolution
+    per phase (s_h x s_w of them, none for phases without taps), interleaved into dx."""
     _check_float32("conv2d_input_grad", dy, kernel)
     strides, padding = _static(strides, padding)
     shape = tuple(int(s) for s in input_shape)
