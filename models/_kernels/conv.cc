@@ -464,29 +464,21 @@ bool Supported() { return false; }
 
 extern "C" int IfjaxConvSupported() { return Supported() ? 1 : 0; }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(IfjaxConv2d, Conv2d,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("top")
-                                  .Attr<int64_t>("bottom")
-                                  .Attr<int64_t>("left")
-                                  .Attr<int64_t>("right")
-                                  .Attr<int64_t>("flip"));
+// Both handlers: a thread pool, two float32 arrays in, one out, strides and padding.
+static auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("sh")
+      .Attr<int64_t>("sw")
+      .Attr<int64_t>("top")
+      .Attr<int64_t>("bottom")
+      .Attr<int64_t>("left")
+      .Attr<int64_t>("right");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(IfjaxConv2dKernelGrad, Conv2dKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("top")
-                                  .Attr<int64_t>("bottom")
-                                  .Attr<int64_t>("left")
-                                  .Attr<int64_t>("right"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IfjaxConv2d, Conv2d, ConvBinding().Attr<int64_t>("flip"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IfjaxConv2dKernelGrad, Conv2dKernelGrad, ConvBinding());
