@@ -215,8 +215,8 @@ def native_conv_gradients() -> bool:
 #   kernel_grad: dw = conv(x, .)^T dy
 #
 # On the CPU, for float32 on a CPU that runs the kernel, they lower to the native custom
-# calls (input_grad only for stride 1 and padding below the kernel size: anything else is a
-# strided, dilated convolution); everywhere else to XLA's convolutions (their reference).
+# calls (input_grad to one stride-1 convolution per phase of the stride); everywhere else
+# to XLA's convolutions (their reference).
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -262,9 +262,7 @@ def _make_primitive(name: str, reference, shape_of):
         lambda a, b, **params: jax.core.ShapedArray(shape_of(a.shape, b.shape, **params), a.dtype)
     )
     lower_reference = mlir.lower_fun(reference, multiple_results=False)
-    mlir.register_lowering(
-        primitive, lambda ctx, a, b, **params: lower_reference(ctx, a, b, **params)
-    )
+    mlir.register_lowering(primitive, lower_reference)
     return primitive, lower_reference
 
 
