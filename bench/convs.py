@@ -92,47 +92,35 @@ def _candidates(direction, shape, spec, stride, pad, batch, torch_too: bool):
     dyj = jax.device_put(dy)
     x_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
     k_shape = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+    # the gradients as transposes of the linear maps x -> f(x, k) and k -> f(x, k)
+    input_grad = lambda f: lambda dy, k: jax.linear_transpose(lambda x: f(x, k), x_shape)(dy)[0]
+    kernel_grad = lambda f: lambda x, dy: jax.linear_transpose(lambda k: f(x, k), k_shape)(dy)[0]
     if direction == "forward":
+        args = (xj, kj)
         functions = {
-            "xla": (lambda x, k: conv(x, k), (xj, kj)),
-            "native": (lambda x, k: _native.conv2d(x, k, strides, padding), (xj, kj)),
+            "xla": conv,
+            "native": lambda x, k: _native.conv2d(x, k, strides, padding),
         }
     elif direction == "input":
+        args = (dyj, kj)
         functions = {
-            "xla": (
-                lambda dy, k: jax.linear_transpose(lambda x: conv(x, k), x_shape)(dy)[0],
-                (dyj, kj),
-            ),
-            "matmul": (
-                lambda dy, k: jax.linear_transpose(lambda x: matmul(x, k), x_shape)(dy)[0],
-                (dyj, kj),
-            ),
-            "native": (
-                lambda dy, k: _native.conv2d_input_grad(dy, k, strides, padding, (h, w)),
-                (dyj, kj),
-            ),
+            "xla": input_grad(conv),
+            "matmul": input_grad(matmul),
+            "native": lambda dy, k: _native.conv2d_input_grad(dy, k, strides, padding, (h, w)),
         }
     else:
+        args = (xj, dyj)
         transposed = functools.partial(
             layers._kernel_term, "transposed", strides=strides, padding=padding, precision=None
         )
         functions = {
-            "xla": (
-                lambda x, dy: jax.linear_transpose(lambda k: conv(x, k), k_shape)(dy)[0],
-                (xj, dyj),
-            ),
-            "transposed": (
-                lambda x, dy: jax.linear_transpose(lambda k: transposed(x, k), k_shape)(dy)[0],
-                (xj, dyj),
-            ),
-            "native": (
-                lambda x, dy: _native.conv2d_kernel_grad(x, dy, strides, padding, (kh, kw)),
-                (xj, dyj),
-            ),
+            "xla": kernel_grad(conv),
+            "transposed": kernel_grad(transposed),
+            "native": lambda x, dy: _native.conv2d_kernel_grad(x, dy, strides, padding, (kh, kw)),
         }
     options = XLA_CPU_INFERENCE_OPTIONS if direction == "forward" else XLA_CPU_OPTIONS
     outputs, runs = {}, {}
-    for name, (function, args) in functions.items():
+    for name, function in functions.items():
         jitted = jax.jit(function, compiler_options=options)
         outputs[name] = np.asarray(jitted(*args))
         runs[name] = functools.partial(lambda f, a: f(*a).block_until_ready(), jitted, args)

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -372,36 +373,40 @@ void KernelGrad(const float* x, const float* dy, float* dw, const Geometry& g,
   }
 }
 
-// Shapes shared by both handlers: the padded input map and the output map.
-bool Complete(Geometry& g, int64_t sh, int64_t sw, int64_t top, int64_t bottom, int64_t left,
-              int64_t right) {
+// The geometry of a convolution of x (dimensions xd) by a kernel (kd: (kh, kw, c, o), or
+// (kh, kw, o, c) with `swap`) into an output (yd), checked: ranks, channels, strides and
+// padding, the output's shape, the CPU. Shared by both handlers.
+template <typename Dims>
+ffi::Error Describe(const char* name, Geometry& g, const Dims& xd, const Dims& kd, bool swap,
+                    const Dims& yd, int64_t sh, int64_t sw, int64_t top, int64_t bottom,
+                    int64_t left, int64_t right) {
+  const std::string prefix = std::string(name) + ": ";
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument(prefix + "rank-4 NHWC arrays and HWIO kernels only");
+  g.n = xd[0], g.h = xd[1], g.w = xd[2], g.c = xd[3];
+  g.kh = kd[0], g.kw = kd[1], g.o = swap ? kd[2] : kd[3];
+  const int64_t kernel_c = swap ? kd[3] : kd[2];
   g.sh = sh, g.sw = sw, g.top = top, g.left = left;
   g.hp = g.h + top + bottom, g.wp = g.w + left + right;
-  if (sh < 1 || sw < 1 || top < 0 || bottom < 0 || left < 0 || right < 0 || g.hp < g.kh ||
-      g.wp < g.kw)
-    return false;
+  if (kernel_c != g.c || sh < 1 || sw < 1 || top < 0 || bottom < 0 || left < 0 || right < 0 ||
+      g.hp < g.kh || g.wp < g.kw)
+    return ffi::Error::InvalidArgument(prefix + "inconsistent shapes");
   g.oh = (g.hp - g.kh) / sh + 1, g.ow = (g.wp - g.kw) / sw + 1;
   g.padded = top || bottom || left || right;
-  return true;
+  if (yd[0] != g.n || yd[1] != g.oh || yd[2] != g.ow || yd[3] != g.o)
+    return ffi::Error::InvalidArgument(prefix + "inconsistent shapes");
+  if (!Supported()) return ffi::Error::InvalidArgument(prefix + "this CPU has no AVX-512");
+  return ffi::Error::Success();
 }
 
 ffi::Error Conv2dKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> dy, ffi::Result<ffi::Buffer<ffi::F32>> dw,
                             int64_t sh, int64_t sw, int64_t top, int64_t bottom, int64_t left,
                             int64_t right) {
-  auto xd = x.dimensions();
-  auto yd = dy.dimensions();
-  auto wd = dw->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
-    return ffi::Error::InvalidArgument("ifjax_conv2d_kernel_grad: rank-4 arrays only");
   Geometry g{};
-  g.n = xd[0], g.h = xd[1], g.w = xd[2], g.c = xd[3];
-  g.kh = wd[0], g.kw = wd[1], g.o = wd[3];
-  if (wd[2] != g.c || !Complete(g, sh, sw, top, bottom, left, right) || yd[0] != g.n ||
-      yd[1] != g.oh || yd[2] != g.ow || yd[3] != g.o)
-    return ffi::Error::InvalidArgument("ifjax_conv2d_kernel_grad: inconsistent shapes");
-  if (!Supported())
-    return ffi::Error::InvalidArgument("ifjax_conv2d_kernel_grad: this CPU has no AVX-512");
+  ffi::Error error = Describe("ifjax_conv2d_kernel_grad", g, x.dimensions(), dw->dimensions(),
+                              false, dy.dimensions(), sh, sw, top, bottom, left, right);
+  if (error.failure()) return error;
   const int64_t size = g.kh * g.kw * g.c * g.o;
   if (g.n == 0 || size == 0 || g.oh * g.ow == 0) {
     std::fill(dw->typed_data(), dw->typed_data() + size, 0.f);
@@ -415,20 +420,10 @@ ffi::Error Conv2dKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error Conv2d(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                   ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t sh, int64_t sw, int64_t top,
                   int64_t bottom, int64_t left, int64_t right, int64_t flip) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  auto yd = y->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
-    return ffi::Error::InvalidArgument("ifjax_conv2d: rank-4 NHWC input and HWIO kernel only");
   Geometry g{};
-  g.n = xd[0], g.h = xd[1], g.w = xd[2], g.c = xd[3];
-  g.kh = wd[0], g.kw = wd[1], g.o = flip ? wd[2] : wd[3];
-  const int64_t kernel_c = flip ? wd[3] : wd[2];
-  if (kernel_c != g.c || !Complete(g, sh, sw, top, bottom, left, right) || yd[0] != g.n ||
-      yd[1] != g.oh || yd[2] != g.ow || yd[3] != g.o)
-    return ffi::Error::InvalidArgument("ifjax_conv2d: inconsistent shapes");
-  if (!Supported())
-    return ffi::Error::InvalidArgument("ifjax_conv2d: this CPU has no AVX-512");
+  ffi::Error error = Describe("ifjax_conv2d", g, x.dimensions(), w.dimensions(), flip != 0,
+                              y->dimensions(), sh, sw, top, bottom, left, right);
+  if (error.failure()) return error;
   if (g.n == 0 || g.o == 0) return ffi::Error::Success();
   if (g.c == 0 || g.kh == 0 || g.kw == 0) {
     std::fill(y->typed_data(), y->typed_data() + g.n * g.oh * g.ow * g.o, 0.f);
