@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifjax._graph import Group, Writer
+from ifjax._model import is_nnx, model_view
 from ifjax._tree import Path, tree_get, tree_replace
 
 __all__ = ["fold_batchnorm"]
@@ -49,7 +50,7 @@ def _fold_writer(get, writer: Writer, xp: Any) -> dict[Path, Any]:
     return updates
 
 
-def fold_batchnorm(variables: Mapping[str, Any], groups: Sequence[Group]) -> dict[str, Any]:
+def fold_batchnorm(variables: Mapping[str, Any] | Any, groups: Sequence[Group]) -> Any:
     """Folds every BatchNorm that directly follows a layer of the groups into that layer.
 
     Per output channel: ``w' = w * gamma / sqrt(var)`` and
@@ -59,16 +60,19 @@ def fold_batchnorm(variables: Mapping[str, Any], groups: Sequence[Group]) -> dic
     bias keeps the folded bias in the BatchNorm's bias instead.
 
     Args:
-      variables: ``{"params": ..., "batch_stats": ...}``; not modified.
+      variables: ``{"params": ..., "batch_stats": ...}``, or an NNX module; not modified.
       groups: from :func:`discover_groups`.
 
     Returns:
-      New variables, same structure and shapes.
+      New variables, same structure and shapes (for an NNX module: a new module).
 
     Example:
       >>> groups = discover_groups(model, variables, x)
       >>> folded = fold_batchnorm(variables, groups)
     """
+    if is_nnx(variables):
+        view = model_view(variables)
+        return view.rebuild(fold_batchnorm(view.variables, groups))
     writers = [w for group in groups for w in group.writers if w.batchnorm is not None]
     get = lambda path: tree_get(variables, path)
     leaves = jax.tree.leaves(variables)

@@ -22,9 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
+from ifjax._model import ModelView, view_and_input
+
 Path = tuple[str, ...]
 
-__all__ = ["BatchNormRef", "GraphError", "Group", "Reader", "Writer", "discover_groups", "path_str"]
+__all__ = [
+    "BatchNormRef",
+    "GraphError",
+    "Group",
+    "Reader",
+    "Writer",
+    "discover_groups",
+    "path_str",
+    "trace_groups",
+    "view_groups",
+]
 
 
 def path_str(path: Path) -> str:
@@ -133,6 +145,16 @@ class _Param:
     direct: int | None = None  # the leaf itself (up to dtype conversion)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stat:
+    """Depends on activations but was reduced over their channel axis (LayerNorm's mean
+    and variance, a softmax's normalizer): combined back elementwise it couples nothing
+    new, and no layer may read it."""
+
+
+_STAT = _Stat()
+
+
 # A jitted function of this name taking (NHWC input, HWIO kernel, ...) is analysed as a
 # convolution whatever it computes inside: models can implement convolutions their own
 # way (e.g. patches + matmul for speed) and stay analysable.
@@ -140,7 +162,27 @@ CONVOLUTION_NAME = "conv_general_dilated"
 
 
 class GraphError(ValueError):
-    """The model contains an operation the dependency analysis cannot handle."""
+    """The model contains an operation the dependency analysis cannot handle, or cannot
+    be traced at all. The message names the operation and the layer."""
+
+    def __init__(self, message: str, located: bool = False):
+        super().__init__(message)
+        self.located = located
+
+
+def _location(eqn) -> str:
+    """The layer (Flax name stack) and the user's source line of an equation."""
+    parts = []
+    stack = str(eqn.source_info.name_stack)
+    if stack:
+        parts.append(f"in layer {stack}")
+    try:
+        from jax._src import source_info_util
+
+        parts.append(f"at {source_info_util.summarize(eqn.source_info)}")
+    except Exception:  # private API: the location is a courtesy
+        pass
+    return ", ".join(parts) or "location unknown"
 
 
 _AFFINE = {"add", "sub", "mul", "div", "convert_element_type", "copy", "copy_p"}
@@ -206,7 +248,12 @@ class _Tracer:
 
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
-            outs = self.equation(eqn, ins)
+            try:
+                outs = self.equation(eqn, ins)
+            except GraphError as error:
+                if error.located:
+                    raise
+                raise GraphError(f"{error} ({_location(eqn)})", located=True) from None
             for v, a in zip(eqn.outvars, outs, strict=True):
                 env[v] = a
         return [read(v) for v in jaxpr.outvars]
@@ -214,6 +261,10 @@ class _Tracer:
     def equation(self, eqn, ins: list[Any]) -> list[Any]:
         name = eqn.primitive.name
         if not any(isinstance(a, _Act) for a in ins):
+            if any(isinstance(a, _Stat) for a in ins):
+                if name in ("conv_general_dilated", "dot_general"):
+                    raise GraphError(f"{name}: a layer reads values reduced over channels")
+                return [_STAT] * len(eqn.outvars)
             leaves = frozenset().union(*(a.leaves for a in ins if isinstance(a, _Param)))
             if not leaves:
                 return [None] * len(eqn.outvars)
@@ -328,7 +379,9 @@ class _Tracer:
         for v, a in zip(eqn.invars, ins, strict=True):
             if isinstance(a, _Param):
                 self.attach(first, a, tuple(v.aval.shape), rank)
-        keeps_source = len(acts) == 1 and name in _AFFINE
+        keeps_source = (
+            len(acts) == 1 and name in _AFFINE and not any(isinstance(a, _Stat) for a in ins)
+        )
         source = first.source if keeps_source else None
         return dataclasses.replace(first, space=self.find(first.space), source=source)
 
@@ -403,14 +456,18 @@ class _Tracer:
             raise GraphError(f"{eqn.primitive.name}: pools across channels")
         return dataclasses.replace(x, source=None)
 
-    def reduction(self, eqn, x: _Act) -> _Act:
+    def reduction(self, eqn, x: _Act) -> _Act | _Stat:
         axes = eqn.params["axes"]
         if x.axis in axes:
-            raise GraphError(f"{eqn.primitive.name}: reduces over the channel axis")
+            if x.outer * x.inner != 1:
+                raise GraphError(f"{eqn.primitive.name}: reduces over the channel axis")
+            return _STAT
         return dataclasses.replace(x, axis=x.axis - sum(a < x.axis for a in axes), source=None)
 
     def op_concatenate(self, eqn, x: _Act) -> _Act:
-        raise GraphError("concatenate: concatenation of activations is not supported")
+        raise GraphError(
+            "concatenate: concatenation of activations along channels is not supported"
+        )
 
 
 # ----------------------------------------------------------------------------- groups
@@ -471,39 +528,37 @@ def _build_groups(tracer: _Tracer, paths: list[Path], excluded: set[int]) -> lis
     return [dataclasses.replace(g, index=i) for i, (_, g) in enumerate(groups)]
 
 
-def discover_groups(
-    model: Any, variables: Mapping[str, Any], example_input: Any, **apply_kwargs: Any
+def trace_groups(
+    apply: Callable[[Any, Any], Any],
+    variables: Mapping[str, Any],
+    example_input: Any,
+    what: str = "the model",
 ) -> tuple[Group, ...]:
-    """Finds the coupled channel groups of a Flax model by tracing its computation.
+    """The groups of ``apply(variables, x)``, a pure function of a variables tree.
 
-    Args:
-      model: a Flax Linen module (any architecture built from Conv, Dense, BatchNorm,
-        residual additions, pooling, elementwise activations and flatten).
-      variables: its variables, e.g. ``{"params": ..., "batch_stats": ...}``.
-      example_input: an input batch, e.g. ``(1, 32, 32, 3)`` zeros (only its shape
-        and dtype are used).
-      **apply_kwargs: passed to ``model.apply`` (eval mode is the default of the
-        models in ``models/``).
-
-    Returns:
-      The groups, ordered like the reference: group 0 is nearest the output.
-
-    Raises:
-      ValueError: if an operation cannot be analysed (the message names it).
-
-    Example:
-      >>> groups = discover_groups(model, variables, jnp.zeros((1, 32, 32, 3)))
-      >>> print(groups[0].describe())  # doctest: +SKIP
-      group 0 (n=512): writes [conv7] reads [classifier]
+    ``what`` names the computation in errors (e.g. ``"Net.apply(variables, x)"``).
     """
     paths, leaves, treedef = _flatten_variables(variables)
     shapes = [tuple(np.shape(x)) for x in leaves]
-    apply: Callable = lambda flat, x: model.apply(treedef.unflatten(flat), x, **apply_kwargs)
     abstract = [
         jax.ShapeDtypeStruct(s, jnp.result_type(x)) for s, x in zip(shapes, leaves, strict=True)
     ]
     x_abstract = jax.ShapeDtypeStruct(np.shape(example_input), np.asarray(example_input).dtype)
-    closed = jax.make_jaxpr(apply)(abstract, x_abstract)
+    try:
+        closed = jax.make_jaxpr(lambda flat, x: apply(treedef.unflatten(flat), x))(
+            abstract, x_abstract
+        )
+    except Exception as error:  # the user's model failed: say which call and why
+        hint = ""
+        if "unbound axis name" in str(error):
+            hint = (
+                " (it needs a named axis: trace it in evaluation mode, e.g. "
+                "apply_kwargs={'train': False})"
+            )
+        raise GraphError(
+            f"cannot trace {what} on an input of shape {x_abstract.shape}: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}{hint}"
+        ) from error
     tracer = _Tracer(shapes)
     input_space = tracer.new_space(int(x_abstract.shape[-1]))
     env = [_Param(frozenset([i]), i) for i in range(len(leaves))]
@@ -512,3 +567,48 @@ def discover_groups(
     excluded = {tracer.find(input_space)}
     excluded |= {tracer.find(o.space) for o in jax.tree.leaves(outs) if isinstance(o, _Act)}
     return tuple(_build_groups(tracer, paths, excluded))
+
+
+def view_groups(view: ModelView, example_input: Any) -> tuple[Group, ...]:
+    """The groups of a :class:`~ifjax._model.ModelView`."""
+    return trace_groups(view.apply, view.variables, example_input, view.describe)
+
+
+def discover_groups(
+    model: Any,
+    *args: Any,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Group, ...]:
+    """Finds the coupled channel groups of a Flax model by tracing its computation.
+
+    Linen: ``discover_groups(model, variables, example_input, apply_kwargs=None)``.
+    NNX: ``discover_groups(module, example_input, call_kwargs=None)`` (the module must be
+    in evaluation mode: ``module.eval()``).
+
+    Args:
+      model: a Flax Linen or NNX module, built from convolutions, Dense/Linear layers,
+        BatchNorm, LayerNorm, residual additions, pooling, means, dropout, elementwise
+        activations and flatten, auto-named or not, in ``Sequential`` or not.
+      *args: the Linen module's variables (``{"params": ..., "batch_stats": ...}``) and
+        an input batch, or the NNX module's input batch (only shape and dtype are used).
+      apply_kwargs: extra arguments of every ``model.apply`` (e.g. ``{"train": False}``).
+      call_kwargs: extra arguments of every NNX call (e.g. ``{"rngs": nnx.Rngs(0)}``).
+
+    Returns:
+      The groups, ordered like the reference: group 0 is nearest the output. Paths are
+      those of the variables tree (for NNX: ``params``/``batch_stats`` and the module's
+      attribute path, e.g. ``("params", "layers", "0", "kernel")``).
+
+    Raises:
+      GraphError: the model cannot be traced with these arguments, or contains an
+        operation the analysis cannot handle (a concatenation of channels, a grouped
+        convolution, GroupNorm, ...); the message names the operation and the layer.
+
+    Example:
+      >>> groups = discover_groups(model, variables, jnp.zeros((1, 32, 32, 3)))
+      >>> print(groups[0].describe())  # doctest: +SKIP
+      group 0 (n=512): writes [conv7] reads [classifier]
+    """
+    view, example_input = view_and_input(model, args, apply_kwargs, call_kwargs)
+    return view_groups(view, example_input)

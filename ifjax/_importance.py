@@ -16,6 +16,7 @@ import optax
 
 from ifjax._channels import group_size, reader_rows, writer_rows
 from ifjax._graph import Group
+from ifjax._model import is_nnx, model_view
 from ifjax._tree import tree_get
 
 __all__ = ["IMPORTANCES", "accumulate_gradients", "group_importance", "lamp_transform"]
@@ -64,7 +65,7 @@ def group_importance(
     """Importance of every channel of a group, (n,), normalized to mean 1.
 
     Args:
-      variables: model variables (folded, as in the reference).
+      variables: model variables (folded, as in the reference), or an NNX module.
       group: the group.
       importance: "l1" / "l2" (sum of |w|^p over each slice, no root, no bias), "lamp"
         (correct LAMP over L2 norms and BatchNorm |gamma|), "lamp_released" (the
@@ -73,6 +74,8 @@ def group_importance(
       gradients: a tree like ``variables`` holding accumulated gradients (taylor only).
       key: PRNG key (random only).
     """
+    if is_nnx(variables):
+        variables = model_view(variables).variables
     n = group_size(variables, group)
     if importance in ("l1", "l2"):
         p = 1 if importance == "l1" else 2

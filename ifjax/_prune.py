@@ -19,10 +19,11 @@ import jax.numpy as jnp
 
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._channels import channel_features, group_size
-from ifjax._graph import Group, discover_groups
+from ifjax._graph import Group, GraphError, view_groups
 from ifjax._importance import IMPORTANCES, group_importance
 from ifjax._local import localize
 from ifjax._merge import masked_maps, merge_group, merge_group_masked
+from ifjax._model import ModelView, is_nnx, model_view, view_and_input
 from ifjax._transport import (
     ExactSolver,
     SinkhornSolver,
@@ -32,6 +33,7 @@ from ifjax._transport import (
     source_marginal,
     transport_map,
 )
+from ifjax._tree import shapes_of
 from ifjax._validate import check_group, check_sparsity, check_variables_finite
 
 __all__ = [
@@ -180,7 +182,7 @@ _masked_maps = jax.jit(masked_maps)
 @dataclasses.dataclass(frozen=True)
 class _Config:
     method: str
-    sparsity: float
+    sparsity: float | None
     importance: str
     marginals: str
     target: str
@@ -195,9 +197,12 @@ class _Config:
 class Pruner(NamedTuple):
     """A pair of pure functions (like an optax GradientTransformation).
 
-    ``plan(variables, group, *, gradients=None, key=None, scores=None) -> PrunePlan``
-    (``scores``, (n,), replaces the importance metric when given) and
-    ``apply(variables, group, plan, *, masked=False) -> variables``. Both are
+    ``plan(variables, group, *, width=None, gradients=None, key=None, scores=None)
+    -> PrunePlan`` (``width``: channels to keep, instead of the pruner's sparsity;
+    ``scores``, (n,), replaces the importance metric when given) and
+    ``apply(variables, group, plan, *, masked=False) -> variables``. ``variables`` may
+    be an NNX module instead (``apply`` then returns a new module). Both are pure: the
+    user may ``jax.jit`` or ``jax.vmap`` them (over variables, with ``group`` static). Both are
     jit-compiled and do not recompile for a repeated call with the same shapes. The
     compiled functions take only the arrays of the group, so groups of the same
     structure and shapes share them; a group's importance and features, and the masked
@@ -212,6 +217,22 @@ class Pruner(NamedTuple):
     plan_groups: Any
 
 
+def _variables_of(variables: Any) -> Any:
+    """The variables tree of a Linen variables tree or of an NNX module."""
+    return model_view(variables).variables if is_nnx(variables) else variables
+
+
+def _kept(n: int, sparsity: float | None, width: int | None, group: Group) -> int:
+    """Channels kept in a group of n: ``width`` if given, else from the sparsity."""
+    if width is None:
+        if sparsity is None:
+            raise ValueError(f"group {group.index}: give a width, the pruner has no sparsity")
+        return keep_count(n, sparsity)
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n:
+        raise ValueError(f"group {group.index}: width {width!r} is not in 1..{n}")
+    return width
+
+
 def _make_solver(solver: str | Any, epsilon, max_iterations, threshold):
     if solver == "exact":
         return ExactSolver()
@@ -223,16 +244,16 @@ def _make_solver(solver: str | Any, epsilon, max_iterations, threshold):
 
 
 def _pruner(config: _Config) -> Pruner:
-    def problem(variables, group, gradients, key, scores=None):
+    def problem(variables, group, gradients, key, scores=None, width=None):
         check_group(variables, group)
         n = group_size(variables, group)
+        m = _kept(n, config.sparsity, width, group)
         if scores is not None:
             scores = jnp.asarray(scores, jnp.float32)
             if scores.shape != (n,):
                 raise ValueError(f"scores must have shape (n,) = ({n},)")
         elif key is None and config.importance == "random":
             raise ValueError("importance='random' needs a PRNG key")
-        m = keep_count(n, config.sparsity)
         marginal = None if config.method == "default" else config.marginals
         features = a = None
         if scores is None or marginal is not None:
@@ -254,14 +275,17 @@ def _pruner(config: _Config) -> Pruner:
             )
         return _problem(scores, features, a, m, marginal, config.target)
 
-    def plan(variables, group, *, gradients=None, key=None, scores=None):
-        return _solve_one(config.solving, *problem(variables, group, gradients, key, scores))
+    def plan(variables, group, *, width=None, gradients=None, key=None, scores=None):
+        variables = _variables_of(variables)
+        return _solve_one(config.solving, *problem(variables, group, gradients, key, scores, width))
 
-    def plan_groups(variables, groups, *, gradients=None, key=None):
+    def plan_groups(variables, groups, *, widths=None, gradients=None, key=None):
+        variables = _variables_of(variables)
         problems = []
         for i, group in enumerate(groups):
             group_key = None if key is None else jax.random.fold_in(key, i)
-            problems.append(problem(variables, group, gradients, group_key))
+            width = None if widths is None else widths[i]
+            problems.append(problem(variables, group, gradients, group_key, width=width))
         buckets: dict[tuple, list[int]] = {}
         for i, p in enumerate(problems):
             buckets.setdefault((p[1].shape[0], p[0].shape[0]), []).append(i)
@@ -273,6 +297,9 @@ def _pruner(config: _Config) -> Pruner:
         return plans
 
     def apply(variables, group, plan, *, masked=False):
+        if is_nnx(variables):
+            view = model_view(variables)
+            return view.rebuild(apply(view.variables, group, plan, masked=masked))
         check_group(variables, group)
         local = localize(group)
         arrays = local.gather(variables)
@@ -287,7 +314,7 @@ def _pruner(config: _Config) -> Pruner:
 
 
 def intra_fusion(
-    sparsity: float,
+    sparsity: float | None,
     importance: str = "l1",
     *,
     marginals: str = "uniform",
@@ -301,7 +328,8 @@ def intra_fusion(
     """Intra-Fusion: pruned channels are merged into the kept ones by optimal transport.
 
     Args:
-      sparsity: fraction of each group's channels to remove, in [0, 1).
+      sparsity: fraction of each group's channels to remove, in [0, 1); None when every
+        ``plan`` call gives its ``width``.
       importance: see :func:`group_importance` ("l1", "l2", "lamp", "lamp_released",
         "taylor", "random").
       marginals: "uniform" (the paper's default) or "importance".
@@ -320,14 +348,14 @@ def intra_fusion(
       >>> plan = pruner.plan(folded, groups[2])
       >>> pruned = pruner.apply(folded, groups[2], plan)
     """
-    check_sparsity(sparsity)
+    sparsity = _optional_sparsity(sparsity)
     _check_choice("importance", importance, IMPORTANCES)
     _check_choice("marginals", marginals, ("uniform", "importance"))
     _check_choice("target", target, ("most_important", "centroids"))
     _check_choice("map_normalization", map_normalization, MAP_NORMALIZATIONS)
     config = _Config(
         "intra_fusion",
-        float(sparsity),
+        sparsity,
         importance,
         marginals,
         target,
@@ -337,16 +365,21 @@ def intra_fusion(
     return _pruner(config)
 
 
-def default_pruning(sparsity: float, importance: str = "l1") -> Pruner:
+def default_pruning(sparsity: float | None, importance: str = "l1") -> Pruner:
     """Default pruning (the paper's baseline): keep the most important channels, drop the
     rest. Same keep set as :func:`intra_fusion`."""
-    check_sparsity(sparsity)
+    sparsity = _optional_sparsity(sparsity)
     _check_choice("importance", importance, IMPORTANCES)
     return _pruner(
-        _Config(
-            "default", float(sparsity), importance, "uniform", "most_important", None, "reference"
-        )
+        _Config("default", sparsity, importance, "uniform", "most_important", None, "reference")
     )
+
+
+def _optional_sparsity(sparsity: Any) -> float | None:
+    if sparsity is None:
+        return None
+    check_sparsity(sparsity)
+    return float(sparsity)
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -354,16 +387,16 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}")
 
 
-def _resolve_groups(model, variables, groups, example_input):
+def _resolve_groups(view: ModelView, groups: Any, example_input: Any):
     """(groups to prune, all groups of the model, or those given when not discovered)."""
     if isinstance(groups, Group):
         groups = (groups,)
     if isinstance(groups, Sequence) and groups and all(isinstance(g, Group) for g in groups):
-        found = None if example_input is None else discover_groups(model, variables, example_input)
+        found = None if example_input is None else view_groups(view, example_input)
         return tuple(groups), found or tuple(groups)
     if example_input is None:
         raise ValueError("pass Group objects, or example_input so the groups can be discovered")
-    found = discover_groups(model, variables, example_input)
+    found = view_groups(view, example_input)
     if isinstance(groups, str) and groups == "all":
         return found, found
     indices = [groups] if isinstance(groups, int) else list(groups)
@@ -373,58 +406,95 @@ def _resolve_groups(model, variables, groups, example_input):
     return tuple(found[i] for i in indices), found
 
 
+def _group_widths(groups: Sequence[Group], sparsity: Any, widths: Any) -> list[int | None]:
+    """Per group to prune: its kept channels (``widths``), or None (from the sparsity)."""
+    if (sparsity is None) == (widths is None):
+        raise ValueError("give either sparsity or widths (kept channels per group)")
+    if widths is None:
+        check_sparsity(sparsity)
+        return [None] * len(groups)
+    if not isinstance(widths, Mapping):
+        raise ValueError("widths must map group indices to kept channel counts")
+    unknown = sorted(set(widths) - {g.index for g in groups})
+    if unknown:
+        raise ValueError(f"widths names groups {unknown} that are not pruned here")
+    missing = [g.index for g in groups if g.index not in widths]
+    if missing:
+        raise ValueError(f"widths gives no width for groups {missing}")
+    return [widths[g.index] for g in groups]
+
+
 def prune(
     model: Any,
-    variables: Mapping[str, Any],
-    groups: Group | Sequence[Group] | int | Sequence[int] | str,
-    *,
-    sparsity: float,
+    *args: Any,
+    sparsity: float | None = None,
+    widths: Mapping[int, int] | None = None,
     method: str = "intra_fusion",
     importance: str = "l1",
     example_input: Any = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
     fold: bool = True,
     masked: bool = False,
     gradients: Mapping[str, Any] | None = None,
     key: jax.Array | None = None,
     **options: Any,
-) -> tuple[Any, dict[str, Any], list[PrunePlan]]:
-    """Prunes one group, several groups or all groups of a model.
+) -> tuple[Any, ...]:
+    """Prunes one group, several groups or all groups of any Linen or NNX model.
+
+    Linen: ``prune(model, variables, groups, ...) -> (pruned_model, variables, plans)``.
+    NNX: ``prune(module, groups, ...) -> (pruned_module, plans)``.
 
     BatchNorm is folded first (``fold=True``, as the reference: every BatchNorm of the
     model when the groups are discovered here or ``example_input`` is given, else those
     of the given groups), then the groups are pruned one after another, each on the
     result of the previous ones.
 
+    The pruned model is called exactly as the original: a Linen model through
+    ``pruned_model.apply(variables, *args, **kwargs)`` (``train=True`` with
+    ``mutable=["batch_stats"]``, dropout ``rngs``, inside ``jit``/``grad``/``vmap``); the
+    models of ``models/`` come back as plain instances through ``for_variables``, any
+    other module as an instance of a subclass of its class that runs with the pruned
+    widths (see ``ifjax._widths``). An NNX model comes back as a new module (the input
+    is untouched) with its width attributes updated, in evaluation mode like the input.
+
     Args:
-      model: Flax module; pruned widths are given back through its
-        ``for_variables(variables)`` method (the models in ``models/`` have it).
-      variables: its variables; never modified.
-      groups: a :class:`Group`, a sequence of them, a group index or indices (needs
-        ``example_input``), or "all".
+      model: a Flax Linen module or an NNX module (in evaluation mode, ``module.eval()``).
+      *args: Linen: ``variables, groups``; NNX: ``groups``. ``groups`` is a
+        :class:`Group`, a sequence of them, a group index or indices (needs
+        ``example_input``), or "all". Variables are never modified.
       sparsity: fraction of channels removed from each group, in [0, 1).
+      widths: instead of ``sparsity``, ``{group index: channels kept}``.
       method: "intra_fusion" or "default".
       importance: importance metric (see :func:`group_importance`).
-      example_input: an input batch, to discover groups given by index.
+      example_input: an input batch, to discover groups (needed for indices and "all").
+      apply_kwargs: Linen: extra arguments of every trace, e.g. ``{"train": False}``.
+      call_kwargs: NNX: extra call arguments, e.g. ``{"rngs": nnx.Rngs(0)}``.
       fold: fold BatchNorm before pruning.
-      masked: keep shapes (pruned channels zeroed, merged weights in place); the
-        returned model is then the input model.
+      masked: keep shapes (pruned channels zeroed, merged weights in place); a Linen
+        model is then returned as is.
       gradients: accumulated gradients for ``importance="taylor"``.
       key: PRNG key for ``importance="random"`` (split per group).
       **options: passed to :func:`intra_fusion` (marginals, target, solver, ...).
 
-    Returns:
-      ``(pruned_model, pruned_variables, plans)``.
-
     Example:
       >>> model, variables, plans = prune(model, variables, "all", sparsity=0.5,
-      ...                                 example_input=jnp.zeros((1, 32, 32, 3)))
+      ...                                 example_input=x, apply_kwargs={"train": False})
+      >>> small_module, plans = prune(nnx_module, "all", sparsity=0.5, example_input=x)
     """
-    check_sparsity(sparsity)
+    nnx_model = is_nnx(model)
+    expected = 1 if nnx_model else 2
+    if len(args) != expected:
+        form = "(module, groups)" if nnx_model else "(model, variables, groups)"
+        raise ValueError(f"prune takes {form} positionally, got {len(args) + 1} arguments")
+    view, _ = view_and_input(model, (*args[:-1], None), apply_kwargs, call_kwargs)
+    variables, groups = view.variables, args[-1]
     _check_choice("method", method, METHODS)
     check_variables_finite(variables)
-    groups, every_group = _resolve_groups(model, variables, groups, example_input)
+    groups, every_group = _resolve_groups(view, groups, example_input)
     for group in groups:
         check_group(variables, group)
+    group_widths = _group_widths(groups, sparsity, widths)
     if method == "default":
         if options:
             raise ValueError(f"options {sorted(options)} apply to intra_fusion only")
@@ -434,20 +504,33 @@ def prune(
     if fold:
         variables = fold_batchnorm(variables, every_group)
     plans = []
-    for i, group in enumerate(groups):
+    for i, (group, width) in enumerate(zip(groups, group_widths, strict=True)):
         group_key = None if key is None else jax.random.fold_in(key, i)
-        plan = pruner.plan(variables, group, gradients=gradients, key=group_key)
+        plan = pruner.plan(variables, group, width=width, gradients=gradients, key=group_key)
         variables = pruner.apply(variables, group, plan, masked=masked)
         plans.append(plan)
+    if nnx_model:
+        return view.rebuild(variables), plans
     if not masked:
-        model = _model_for(model, variables)
+        model = view.rebuild(variables)
+        if not hasattr(view.model, "for_variables") and example_input is not None:
+            _check_pruned_model(model, variables, example_input, view)
     return model, variables, plans
 
 
-def _model_for(model: Any, variables: Mapping[str, Any]) -> Any:
-    if not hasattr(model, "for_variables"):
-        raise ValueError(
-            f"{type(model).__name__} has no for_variables(variables) method, so the pruned "
-            "model cannot be rebuilt; use masked=True or add the method"
+def _check_pruned_model(model: Any, variables: Any, example_input: Any, view: ModelView) -> None:
+    """``model.init`` gives the shapes of the pruned variables, else names the layers."""
+    rng = jax.random.key(0)
+    kwargs = dict(view.kwargs)
+    init = lambda x: model.init({"params": rng, "dropout": rng}, x, **kwargs)
+    expected = shapes_of(jax.eval_shape(init, example_input))
+    got = shapes_of(variables)
+    wrong = [
+        "/".join(p) for p in got if p[0] == "params" and p in expected and expected[p] != got[p]
+    ]
+    if wrong:
+        raise GraphError(
+            f"the pruned {type(model).__name__} cannot run with the pruned widths: layers "
+            f"{wrong[:3]} declare other widths and ifjax knows no width attribute of theirs; "
+            "teach it with ifjax.register_width_rule(layer_type, rule)"
         )
-    return model.for_variables(variables)

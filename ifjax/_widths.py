@@ -1,0 +1,235 @@
+"""Giving a model the widths of its pruned variables: any Linen module, any NNX module.
+
+Pruning changes array shapes only; the user's module still declares its dense widths
+(``nn.Conv(64, ...)``, ``nnx.Linear(512, 10)``). How the pruned model runs anyway:
+
+* **Linen.** A Linen layer creates its parameters from its attributes and checks the
+  shapes of existing ones against them (``ScopeParamShapeError``), so the attributes must
+  say the pruned widths while the layer runs. :func:`pruned_linen_module` returns an
+  instance of a subclass of the user's class (``isinstance`` holds, every field is kept)
+  whose ``apply``, ``init``, ``init_with_output`` and ``__call__`` run inside
+  ``nn.intercept_methods``: just before a submodule's method runs, the interceptor looks
+  up the shapes of that submodule's parameters in the pruned variables (a static table
+  keyed by module path, relative to the pruned module) and sets the width attributes they
+  imply (``features`` of ``nn.Conv`` / ``nn.Dense``, ...) on the bound clone Flax made for
+  this call. The user's module and its submodule definitions are never touched. Input
+  widths are inferred from inputs by every Flax layer, so only output widths are set.
+  This was chosen over re-running the traced program with new shapes because it keeps the
+  user's module whole: ``train=True`` with ``mutable=["batch_stats"]``, named axes,
+  dropout ``rngs``, ``jax.jit``/``grad``/``vmap`` and their own train step work unchanged,
+  and ``init`` gives the pruned shapes. Layers of other kinds get a rule with
+  :func:`register_width_rule`; any layer with an integer ``features`` attribute and a
+  ``kernel`` is covered already. A module whose widths no rule explains is found when
+  ``prune`` checks ``init``'s shapes against the pruned variables, and is named there.
+* **NNX.** Modules hold their arrays, so the pruned arrays are merged into a copy of the
+  module graph (``nnx.merge``) and the width attributes (``in_features``,
+  ``out_features``, ``num_features``, ``kernel_shape``, ...) are set from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+from flax import nnx
+
+from ifjax._tree import Path, tree_paths
+
+__all__ = ["pruned_linen_module", "register_width_rule", "set_nnx_widths"]
+
+Shapes = Mapping[str, tuple[int, ...]]
+WidthRule = Callable[[Any, Shapes], dict[str, Any]]
+
+
+def _features(module: Any, shapes: Shapes) -> dict[str, Any]:
+    return {"features": shapes["kernel"][-1]} if "kernel" in shapes else {}
+
+
+def _dense_general(module: nn.DenseGeneral, shapes: Shapes) -> dict[str, Any]:
+    if "kernel" not in shapes:
+        return {}
+    if isinstance(module.features, int):
+        return {"features": shapes["kernel"][-1]}
+    return {"features": tuple(shapes["kernel"][-len(module.features) :])}
+
+
+def _embed(module: nn.Embed, shapes: Shapes) -> dict[str, Any]:
+    rows, features = shapes["embedding"]
+    return {"num_embeddings": rows, "features": features}
+
+
+def _einsum(module: nn.Einsum, shapes: Shapes) -> dict[str, Any]:
+    return {"shape": tuple(shapes["kernel"])}
+
+
+_LINEN_RULES: dict[type, WidthRule] = {
+    nn.Dense: _features,
+    nn.Conv: _features,
+    nn.ConvTranspose: _features,
+    nn.ConvLocal: _features,
+    nn.DenseGeneral: _dense_general,
+    nn.Embed: _embed,
+    nn.Einsum: _einsum,
+}
+
+
+def register_width_rule(module_type: type, rule: WidthRule) -> None:
+    """Teaches ifjax the width attributes of a Linen layer type (and its subclasses).
+
+    Args:
+      module_type: a Linen module class.
+      rule: ``rule(module, shapes) -> {attribute: value}``, where ``shapes`` maps the
+        layer's parameter names to their (pruned) shapes.
+
+    Example:
+      >>> register_width_rule(MyLinear, lambda m, s: {"out_dim": s["w"][-1]})
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise ValueError(f"register_width_rule expects a Linen module class, got {module_type!r}")
+    _LINEN_RULES[module_type] = rule
+
+
+def _linen_rule(module: Any) -> WidthRule | None:
+    for cls in type(module).__mro__:
+        if cls in _LINEN_RULES:
+            return _LINEN_RULES[cls]
+    if isinstance(getattr(module, "features", None), int):
+        return _features
+    return None
+
+
+def _set_widths(module: Any, shapes: Shapes) -> None:
+    rule = _linen_rule(module)
+    if rule is None:
+        return
+    for name, value in rule(module, shapes).items():
+        if getattr(module, name) != value:
+            object.__setattr__(module, name, value)  # the bound clone of this call only
+
+
+def _param_shapes(variables: Mapping[str, Any]) -> dict[Path, dict[str, tuple[int, ...]]]:
+    """{module path: {parameter name: shape}} of the ``params`` collection."""
+    table: dict[Path, dict[str, tuple[int, ...]]] = {}
+    for path, leaf in tree_paths(variables.get("params", {})).items():
+        table.setdefault(path[:-1], {})[path[-1]] = tuple(getattr(leaf, "shape", ()))
+    return table
+
+
+@contextlib.contextmanager
+def _widths_of(module: Any, prefix: tuple[str, ...]):
+    table = type(module)._ifjax_widths
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.module.scope is None:  # not bound (e.g. init itself)
+            return next_fun(*args, **kwargs)
+        path = tuple(context.module.path)
+        if path[: len(prefix)] == prefix and path[len(prefix) :] in table:
+            _set_widths(context.module, table[path[len(prefix) :]])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def _unbound_wrapper(name: str):
+    def method(self, *args, **kwargs):
+        with _widths_of(self, ()):
+            return getattr(super(type(self), self), name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+def _call(self, *args, **kwargs):
+    prefix = tuple(self.path)
+    if () in type(self)._ifjax_widths:
+        _set_widths(self, type(self)._ifjax_widths[()])
+    with _widths_of(self, prefix):
+        return super(type(self), self).__call__(*args, **kwargs)
+
+
+def pruned_linen_module(model: nn.Module, variables: Mapping[str, Any]) -> nn.Module:
+    """The user's Linen module, running with the widths of ``variables`` (see above).
+
+    Args:
+      model: any Linen module (not modified).
+      variables: pruned variables of it.
+
+    Returns:
+      An instance of a subclass of ``type(model)`` with the same fields.
+    """
+    base = getattr(type(model), "_ifjax_base", type(model))
+    namespace = {
+        "_ifjax_base": base,
+        "_ifjax_widths": _param_shapes(variables),
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+        **{name: _unbound_wrapper(name) for name in ("apply", "init", "init_with_output")},
+    }
+    if callable(getattr(base, "__call__", None)):
+        namespace["__call__"] = _call
+    cls = type(base.__name__, (base,), namespace)
+    pruned = model.clone()
+    object.__setattr__(pruned, "__class__", cls)
+    return pruned
+
+
+# ----------------------------------------------------------------------------- NNX
+
+
+def _nnx_shape(module: Any, name: str) -> tuple[int, ...] | None:
+    value = getattr(module, name, None)
+    return tuple(value.shape) if isinstance(value, nnx.Variable) else None
+
+
+def _nnx_linear(module: nnx.Linear) -> dict[str, Any]:
+    kernel = _nnx_shape(module, "kernel")
+    return {"in_features": kernel[0], "out_features": kernel[1]}
+
+
+def _nnx_conv(module: nnx.Conv) -> dict[str, Any]:
+    kernel = _nnx_shape(module, "kernel")
+    return {
+        "in_features": kernel[-2] * module.feature_group_count,
+        "out_features": kernel[-1],
+        "kernel_shape": kernel,
+    }
+
+
+def _nnx_norm(module: Any) -> dict[str, Any]:
+    shape = next(
+        (s for s in map(lambda n: _nnx_shape(module, n), ("scale", "bias", "mean")) if s), None
+    )
+    return {} if shape is None else {"num_features": shape[-1]}
+
+
+def _nnx_embed(module: nnx.Embed) -> dict[str, Any]:
+    rows, features = _nnx_shape(module, "embedding")
+    return {"num_embeddings": rows, "features": features}
+
+
+_NNX_RULES: dict[type, Callable[[Any], dict[str, Any]]] = {
+    nnx.Linear: _nnx_linear,
+    nnx.Conv: _nnx_conv,
+    nnx.ConvTranspose: _nnx_conv,
+    nnx.BatchNorm: _nnx_norm,
+    nnx.LayerNorm: _nnx_norm,
+    nnx.RMSNorm: _nnx_norm,
+    nnx.GroupNorm: _nnx_norm,
+    nnx.Embed: _nnx_embed,
+}
+
+
+def set_nnx_widths(module: nnx.Module) -> None:
+    """Sets the width attributes of every layer of a module (built by ifjax) from its
+    arrays."""
+    for _, sub in nnx.iter_modules(module):
+        rule = next((_NNX_RULES[c] for c in type(sub).__mro__ if c in _NNX_RULES), None)
+        if rule is None:
+            continue
+        for name, value in rule(sub).items():
+            if hasattr(sub, name) and getattr(sub, name) != value:
+                setattr(sub, name, value)
