@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifjax._graph import Group, discover_groups
+from ifjax._graph import Group, view_groups
+from ifjax._model import ModelView, is_nnx, model_view
 from ifjax._prune import _make_solver
 from ifjax._tree import Path, tree_get, tree_paths, tree_replace
 from ifjax._validate import check_group, check_variables_finite
@@ -65,7 +66,6 @@ class _Config:
     solver: Any
     num_samples: int
     batch_size: int
-    apply_kwargs: tuple[tuple[str, Any], ...]
 
 
 # ----------------------------------------------------------------------------- maps
@@ -160,21 +160,16 @@ def _group_modules(group: Group) -> tuple[Path, ...]:
     return tuple(dict.fromkeys(_captured_module(w) for w in group.writers))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "modules", "apply_kwargs"))
-def _activations(model, variables, x, modules, apply_kwargs) -> dict[Path, jnp.ndarray]:
-    """Outputs of the given modules on x, each as (channels, samples * positions)."""
-    wanted = set(modules)
-    _, state = model.apply(
-        variables,
-        x,
-        capture_intermediates=lambda mdl, name: name == "__call__" and mdl.path in wanted,
-        **dict(apply_kwargs),
-    )
-    out = {}
-    for module in modules:
-        value = tree_get(state, ("intermediates",) + module + ("__call__",))[0]
-        out[module] = jnp.moveaxis(value, -1, 0).reshape(value.shape[-1], -1)
-    return out
+def _activation_function(view: ModelView, modules: tuple[Path, ...]):
+    """A compiled ``(variables, x) -> {module: (channels, samples * positions)}`` of the
+    outputs of the given modules."""
+
+    @jax.jit
+    def activations(variables, x):
+        outputs = view.capture(variables, x, modules)
+        return {m: jnp.moveaxis(v, -1, 0).reshape(v.shape[-1], -1) for m, v in outputs.items()}
+
+    return activations
 
 
 @jax.jit
@@ -194,15 +189,15 @@ def _zero_statistics(anchor, other):
     return norms(anchor), norms(other), cross
 
 
-def _statistics(model, variables_list, modules, inputs, config: _Config):
+def _statistics(view: ModelView, variables_list, modules, inputs, config: _Config):
     """Per other model: (anchor norms^2, its norms^2, cross products) per module."""
-    kwargs = config.apply_kwargs
+    activations = _activation_function(view, modules)
     stats = [None] * (len(variables_list) - 1)
     for start in range(0, config.num_samples, config.batch_size):
         x = jnp.asarray(inputs[start : min(start + config.batch_size, config.num_samples)])
-        anchor = _activations(model, variables_list[0], x, modules, kwargs)
+        anchor = activations(variables_list[0], x)
         for i, variables in enumerate(variables_list[1:]):
-            other = _activations(model, variables, x, modules, kwargs)
+            other = activations(variables, x)
             stats[i] = _accumulate(stats[i] or _zero_statistics(anchor, other), anchor, other)
     return stats
 
@@ -219,10 +214,10 @@ def _activation_cost(stats, modules: Sequence[Path]) -> np.ndarray:
     return np.maximum(total / len(modules), 0.0).T
 
 
-def _activation_alignment(model, variables_list, groups, inputs, config: _Config):
+def _activation_alignment(view: ModelView, variables_list, groups, inputs, config: _Config):
     """Aligned variables and maps of every non-anchor model, from activations."""
     modules = tuple(dict.fromkeys(m for g in groups for m in _group_modules(g)))
-    all_stats = _statistics(model, variables_list, modules, inputs, config)
+    all_stats = _statistics(view, variables_list, modules, inputs, config)
     results = []
     for variables, stats in zip(variables_list[1:], all_stats, strict=True):
         stats = jax.tree.map(lambda x: np.asarray(x, np.float64), stats)
@@ -323,7 +318,7 @@ def average_variables(variables_list: Sequence[Mapping[str, Any]]) -> dict[str, 
     return jax.tree.map(jnp.asarray, tree_replace(mean, updates))
 
 
-def _config(method, solver, num_samples, batch_size, apply_kwargs, options) -> _Config:
+def _config(method, solver, num_samples, batch_size, options) -> _Config:
     if method not in FUSION_METHODS:
         raise ValueError(f"unknown fusion method {method!r}; choose one of {FUSION_METHODS}")
     if num_samples < 1 or batch_size < 1:
@@ -338,11 +333,10 @@ def _config(method, solver, num_samples, batch_size, apply_kwargs, options) -> _
     )
     if options:
         raise ValueError(f"unknown options {sorted(options)}")
-    kwargs = tuple(sorted((apply_kwargs or {}).items()))
-    return _Config(method, solver, int(num_samples), int(batch_size), kwargs)
+    return _Config(method, solver, int(num_samples), int(batch_size))
 
 
-def _prepare(model, variables_list, example_input, groups, inputs, config: _Config):
+def _prepare(view: ModelView, variables_list, example_input, groups, inputs, config: _Config):
     """Checks the models and inputs; discovers the groups if needed."""
     if len(variables_list) < 2:
         raise ValueError(f"fusion needs at least two models, got {len(variables_list)}")
@@ -361,18 +355,37 @@ def _prepare(model, variables_list, example_input, groups, inputs, config: _Conf
             example_input = None if inputs is None else np.asarray(inputs[:1])
         if example_input is None:
             raise ValueError("pass groups, example_input or inputs to discover the groups")
-        groups = discover_groups(model, variables_list[0], example_input)
+        groups = view_groups(view, example_input)
     groups = tuple(groups)
     for group in groups:
         check_group(variables_list[0], group)
     return groups
 
 
+def _models(
+    model: Any, args: tuple, apply_kwargs: Any, call_kwargs: Any, count: int | None
+) -> tuple[ModelView, list[dict[str, Any]]]:
+    """The view of the first model and every model's variables, from Linen
+    ``(model, variables...)`` or NNX ``(module...)`` arguments."""
+    if is_nnx(model) or (isinstance(model, Sequence) and model and is_nnx(model[0])):
+        modules = list(model) if isinstance(model, Sequence) else [model, *args]
+        if count is not None and len(modules) != count:
+            raise ValueError(f"expected {count} NNX modules, got {len(modules)}")
+        if apply_kwargs is not None:
+            raise ValueError("apply_kwargs is for Linen modules; NNX modules take call_kwargs")
+        views = [model_view(m, None, call_kwargs) for m in modules]
+        return views[0], [v.variables for v in views]
+    variables_list = list(args[0]) if count is None else list(args)
+    if count is not None and len(variables_list) != count:
+        raise ValueError(f"expected a Linen model and {count} variable trees")
+    if call_kwargs is not None:
+        raise ValueError("call_kwargs is for NNX modules; Linen modules take apply_kwargs")
+    return model_view(model, variables_list[0], apply_kwargs), variables_list
+
+
 def align(
     model: Any,
-    anchor: Mapping[str, Any],
-    other: Mapping[str, Any],
-    *,
+    *args: Any,
     example_input: Any = None,
     groups: Sequence[Group] | None = None,
     method: str = "activation",
@@ -381,35 +394,37 @@ def align(
     solver: str | Any = "exact",
     batch_size: int = 50,
     apply_kwargs: Mapping[str, Any] | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
-) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
-    """Aligns the channels of ``other`` to those of ``anchor`` (the OTFusion step).
+) -> tuple[Any, dict[int, np.ndarray]]:
+    """Aligns the channels of one model to those of an anchor (the OTFusion step).
 
-    Arguments as :func:`fuse`, for one model.
+    Linen: ``align(model, anchor_variables, other_variables, ...)``; NNX:
+    ``align(anchor_module, other_module, ...)``. Other arguments as :func:`fuse`.
 
     Returns:
-      ``(aligned, maps)``: ``other`` with every group's map applied (for exact plans a
-      permutation of its channels, so it computes the same function), and
-      ``{group index: (n, n) map}``, row k being the weights of ``other``'s channels
-      that become channel k.
+      ``(aligned, maps)``: the other model (variables, or a new NNX module) with every
+      group's map applied (for exact plans a permutation of its channels, so it computes
+      the same function), and ``{group index: (n, n) map}``, row k being the weights of
+      the other model's channels that become channel k.
 
     Example:
       >>> aligned, maps = align(model, variables_a, variables_b, inputs=images[:200])
     """
-    config = _config(method, solver, num_samples, batch_size, apply_kwargs, options)
-    variables_list = [anchor, other]
-    groups = _prepare(model, variables_list, example_input, groups, inputs, config)
+    config = _config(method, solver, num_samples, batch_size, options)
+    view, variables_list = _models(model, args, apply_kwargs, call_kwargs, 2)
+    groups = _prepare(view, variables_list, example_input, groups, inputs, config)
     if config.method == "activation":
-        aligned, maps = _activation_alignment(model, variables_list, groups, inputs, config)[0]
+        aligned, maps = _activation_alignment(view, variables_list, groups, inputs, config)[0]
     else:
-        aligned, maps = _weight_alignment(anchor, other, groups, config)
-    return jax.tree.map(jnp.asarray, aligned), maps
+        aligned, maps = _weight_alignment(*variables_list, groups, config)
+    aligned = jax.tree.map(jnp.asarray, aligned)
+    return (view.rebuild(aligned) if view.kind == "nnx" else aligned), maps
 
 
 def fuse(
     model: Any,
-    variables_list: Sequence[Mapping[str, Any]],
-    *,
+    *args: Any,
     example_input: Any = None,
     groups: Sequence[Group] | None = None,
     method: str = "activation",
@@ -418,14 +433,20 @@ def fuse(
     solver: str | Any = "exact",
     batch_size: int = 50,
     apply_kwargs: Mapping[str, Any] | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
-) -> dict[str, Any]:
+) -> Any:
     """Fuses models of one architecture by OTFusion: align to the first, then average.
 
+    Linen: ``fuse(model, variables_list, ...) -> variables``; NNX:
+    ``fuse(modules, ...) -> module`` (a new module; the inputs are untouched and must be
+    in evaluation mode).
+
     Args:
-      model: the Flax module of all the variables (dense or pruned, equal widths).
-      variables_list: two or more ``{"params": ..., "batch_stats": ...}``; the first is
-        the anchor the others are aligned to. Never modified.
+      model: the Flax Linen module of all the variables (dense or pruned, equal widths),
+        or a sequence of NNX modules of one architecture.
+      *args: Linen: ``variables_list``, two or more ``{"params": ..., "batch_stats":
+        ...}``; the first is the anchor the others are aligned to. Never modified.
       example_input: an input batch to discover the groups (default: ``inputs[:1]``).
       groups: the model's groups from :func:`discover_groups` (all of them), instead.
       method: ``"activation"`` (the paper's choice) or ``"weight"`` (see the module
@@ -437,22 +458,26 @@ def fuse(
         ``epsilon``, ``max_iterations``, ``threshold``) or a solver object
         ``solver(cost, a, b) -> TransportResult``.
       batch_size: samples per forward pass while recording activations.
-      apply_kwargs: passed to ``model.apply`` (e.g. ``{"train": False}``).
+      apply_kwargs: Linen: passed to ``model.apply`` (e.g. ``{"train": False}``).
+      call_kwargs: NNX: passed to every call of the modules.
       **options: Sinkhorn settings.
 
     Returns:
-      The fused variables, with the anchor's structure and shapes.
+      The fused variables, with the anchor's structure and shapes (NNX: a new module).
 
     Example:
       >>> fused = fuse(model, [variables_a, variables_b], inputs=train_images[:200])
       >>> logits = model.apply(fused, x)
+      >>> fused_module = fuse([module_a, module_b], inputs=train_images[:200])
     """
-    config = _config(method, solver, num_samples, batch_size, apply_kwargs, options)
-    groups = _prepare(model, variables_list, example_input, groups, inputs, config)
+    config = _config(method, solver, num_samples, batch_size, options)
+    view, variables_list = _models(model, args, apply_kwargs, call_kwargs, None)
+    groups = _prepare(view, variables_list, example_input, groups, inputs, config)
     if config.method == "activation":
-        aligned = _activation_alignment(model, variables_list, groups, inputs, config)
+        aligned = _activation_alignment(view, variables_list, groups, inputs, config)
     else:
         aligned = [
             _weight_alignment(variables_list[0], v, groups, config) for v in variables_list[1:]
         ]
-    return average_variables([variables_list[0]] + [a for a, _ in aligned])
+    fused = average_variables([variables_list[0]] + [a for a, _ in aligned])
+    return view.rebuild(fused) if view.kind == "nnx" else fused

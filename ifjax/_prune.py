@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._channels import channel_features, group_size
-from ifjax._graph import Group, GraphError, view_groups
+from ifjax._graph import GraphError, Group, view_groups
 from ifjax._importance import IMPORTANCES, group_importance
 from ifjax._local import localize
 from ifjax._merge import masked_maps, merge_group, merge_group_masked

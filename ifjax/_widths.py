@@ -169,7 +169,7 @@ def pruned_linen_module(model: nn.Module, variables: Mapping[str, Any]) -> nn.Mo
         "__doc__": base.__doc__,
         **{name: _unbound_wrapper(name) for name in ("apply", "init", "init_with_output")},
     }
-    if callable(getattr(base, "__call__", None)):
+    if any("__call__" in vars(c) for c in base.__mro__ if c not in (nn.Module, object)):
         namespace["__call__"] = _call
     cls = type(base.__name__, (base,), namespace)
     pruned = model.clone()

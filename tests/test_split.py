@@ -275,4 +275,5 @@ def test_sharded_over_forced_cpu_devices_equals_unsharded(sharded_run):
     }
     assert out["changed"] > 1e-3
     # every variable is O(1) (BatchNorm variances up to ~10): differences are float noise
-    assert out["diff"]["2"] < 2e-5 and out["diff"]["4"] < 2e-5
+    # (2.1e-5 measured with 4 devices on a Zen 5 CPU: a few ulps of the variances)
+    assert out["diff"]["2"] < 5e-5 and out["diff"]["4"] < 5e-5
