@@ -196,7 +196,7 @@ def _nnx_view(module: nnx.Module, kwargs: dict) -> ModelView:
         forward = nnx.capture(merged(v), nnx.Intermediate, method_outputs=nnx.Intermediate)
         _, intermediates = forward(x, **kwargs)
         found = {}
-        for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates.to_pure_dict())[0]:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(intermediates))[0]:
             keys = tuple(map(str, _plain_path(path)))
             if len(keys) >= 2 and keys[-2] == "__call__":
                 found.setdefault(keys[:-2], leaf)

@@ -1,0 +1,303 @@
+"""Client models: written here the way users write Flax models (flax's examples, the NNX
+docs), not taken from ifjax's own ``models/``. Each comes with an input, variables and
+one training step of the kind its users write."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+ModuleDef = Any
+
+# ----------------------------------------------------------------------------- Linen ResNet
+# In the style of flax's examples/imagenet: conv and norm injected as partials, BatchNorm
+# with axis_name="batch", train=True by default, auto-named blocks and convolutions.
+
+
+class ResNetBlock(nn.Module):
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    strides: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (3, 3), self.strides)(x)
+        y = self.norm()(y)
+        y = self.act(y)
+        y = self.conv(self.filters, (3, 3))(y)
+        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
+            residual = self.norm(name="norm_proj")(residual)
+        return self.act(residual + y)
+
+
+class ResNet(nn.Module):
+    stage_sizes: Sequence[int]
+    num_classes: int
+    num_filters: int = 8
+    dtype: Any = jnp.float32
+    act: Callable = nn.relu
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        norm = partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            axis_name="batch",
+        )
+        x = conv(self.num_filters, (3, 3), name="conv_init")(x)
+        x = norm(name="bn_init")(x)
+        x = nn.relu(x)
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        for i, block_size in enumerate(self.stage_sizes):
+            for j in range(block_size):
+                strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+                x = ResNetBlock(
+                    self.num_filters * 2**i, conv=conv, norm=norm, act=self.act, strides=strides
+                )(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+def linen_resnet():
+    model = ResNet(stage_sizes=(2, 1), num_classes=10)
+    x = _images((8, 16, 16, 3), seed=0)
+    variables = model.init(jax.random.key(0), x, train=False)
+    return model, _randomized(variables), x
+
+
+def linen_resnet_train_step(model, variables, x, labels):
+    """One SGD step as flax's examples write it: vmapped over devices (axis "batch"),
+    BatchNorm statistics updated with mutable=["batch_stats"]."""
+    tx = optax.sgd(0.1, momentum=0.9)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+
+    def loss_fn(params, batch_stats, images, labels):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, updates["batch_stats"]
+
+    def step(params, batch_stats, opt_state, images, labels):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, batch_stats), grads = grad_fn(params, batch_stats, images, labels)
+        grads = jax.lax.pmean(grads, "batch")
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    devices = 2
+    images = x.reshape((devices, -1) + x.shape[1:])
+    labels = labels.reshape(devices, -1)
+    stepped = jax.jit(jax.vmap(step, in_axes=(None, None, None, 0, 0), axis_name="batch"))(
+        params, batch_stats, opt_state, images, labels
+    )
+    new_params, new_stats, _, loss = stepped
+    return {"params": jax.tree.map(lambda p: p[0], new_params)}, loss
+
+
+# ----------------------------------------------------------------------------- Linen Sequential
+
+
+class SequentialNet(nn.Module):
+    """A feature extractor in nn.Sequential, dropout, global mean pooling, a Dense head."""
+
+    num_classes: int = 10
+
+    def setup(self):
+        self.features = nn.Sequential(
+            [
+                nn.Conv(12, (3, 3)),
+                nn.relu,
+                partial(nn.avg_pool, window_shape=(2, 2), strides=(2, 2)),
+                nn.Conv(16, (3, 3), use_bias=False),
+                nn.gelu,
+                nn.Conv(16, (3, 3)),
+                nn.swish,
+            ]
+        )
+        self.dropout = nn.Dropout(0.1)
+        self.hidden = nn.Dense(24)
+        self.head = nn.Dense(self.num_classes)
+
+    def __call__(self, x, deterministic: bool = True):
+        x = self.features(x)
+        x = x.mean(axis=(1, 2))
+        x = self.dropout(nn.relu(self.hidden(x)), deterministic=deterministic)
+        return self.head(x)
+
+
+def linen_sequential():
+    model = SequentialNet()
+    x = _images((8, 16, 16, 3), seed=1)
+    return model, _randomized(model.init(jax.random.key(1), x)), x
+
+
+def linen_sequential_train_step(model, variables, x, labels):
+    """One Adam step with dropout on (a ``dropout`` rng)."""
+    tx = optax.adam(1e-2)
+    params = variables["params"]
+
+    @jax.jit
+    def step(params, opt_state, key):
+        def loss_fn(params):
+            logits = model.apply({"params": params}, x, deterministic=False, rngs={"dropout": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), loss
+
+    new_params, loss = step(params, tx.init(params), jax.random.key(2))
+    return {"params": new_params}, loss
+
+
+# ----------------------------------------------------------------------------- NNX CNN
+# In the style of flax's NNX MNIST tutorial, with BatchNorm and Dropout added.
+
+
+class CNN(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 8, kernel_size=(3, 3), rngs=rngs)
+        self.batch_norm1 = nnx.BatchNorm(8, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 16, kernel_size=(3, 3), rngs=rngs)
+        self.batch_norm2 = nnx.BatchNorm(16, rngs=rngs)
+        self.avg_pool = partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))
+        self.linear1 = nnx.Linear(7 * 7 * 16, 32, rngs=rngs)
+        self.dropout = nnx.Dropout(rate=0.25, rngs=rngs)
+        self.linear2 = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.avg_pool(nnx.relu(self.batch_norm1(self.conv1(x))))
+        x = self.avg_pool(nnx.relu(self.batch_norm2(self.conv2(x))))
+        x = x.reshape(x.shape[0], -1)  # flatten
+        x = self.dropout(nnx.relu(self.linear1(x)))
+        return self.linear2(x)
+
+
+def nnx_cnn():
+    model = CNN(rngs=nnx.Rngs(0))
+    _randomize_nnx(model)
+    model.eval()
+    return model, _images((8, 28, 28, 1), seed=2)
+
+
+# ----------------------------------------------------------------------------- NNX ResNet
+
+
+class Block(nnx.Module):
+    def __init__(self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(
+            in_features, features, (3, 3), strides=stride, use_bias=False, rngs=rngs
+        )
+        self.bn1 = nnx.BatchNorm(features, rngs=rngs)
+        self.conv2 = nnx.Conv(features, features, (3, 3), use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(features, rngs=rngs)
+        self.shortcut = nnx.data(None)
+        if stride != 1 or in_features != features:
+            self.shortcut = nnx.Sequential(
+                nnx.Conv(in_features, features, (1, 1), strides=stride, use_bias=False, rngs=rngs),
+                nnx.BatchNorm(features, rngs=rngs),
+            )
+
+    def __call__(self, x):
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        residual = x if self.shortcut is None else self.shortcut(x)
+        return nnx.relu(y + residual)
+
+
+class NnxResNet(nnx.Module):
+    def __init__(self, widths=(8, 16), num_classes: int = 10, *, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(3, widths[0], (3, 3), use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(widths[0], rngs=rngs)
+        blocks, width = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks.append(Block(width, w, 1 if i == 0 else 2, rngs=rngs))
+            blocks.append(Block(w, w, 1, rngs=rngs))
+            width = w
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.stem_bn(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def nnx_resnet():
+    model = NnxResNet(rngs=nnx.Rngs(3))
+    _randomize_nnx(model)
+    model.eval()
+    return model, _images((8, 16, 16, 3), seed=3)
+
+
+def nnx_train_step(model, x, labels):
+    """One step as the NNX docs write it: nnx.Optimizer, nnx.jit, nnx.value_and_grad."""
+    model.train()
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, labels):
+        def loss_fn(model):
+            logits = model(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    loss = step(model, optimizer, x, labels)
+    model.eval()
+    return loss
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _images(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _randomized(variables, seed=0):
+    """Random BatchNorm statistics and affine parameters (init leaves them trivial)."""
+    rng = np.random.default_rng(seed)
+
+    def randomize(path, leaf):
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        name = keys[-2] if keys[-1] == "value" else keys[-1]  # NNX: .../bias/value
+        if name == "var":
+            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), jnp.float32)
+        if name in ("mean", "bias"):
+            return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
+        if name == "scale":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), jnp.float32)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(randomize, variables)
+
+
+def _randomize_nnx(module, seed=0):
+    state = nnx.state(module, (nnx.Param, nnx.BatchStat))
+    nnx.update(module, _randomized(state, seed))
