@@ -149,7 +149,11 @@ class _Param:
 class _Stat:
     """Depends on activations but was reduced over their channel axis (LayerNorm's mean
     and variance, a softmax's normalizer): combined back elementwise it couples nothing
-    new, and no layer may read it."""
+    new, and no layer may read it. ``leaves``: variables combined with it on the way
+    (LayerNorm's scale multiplies the inverse deviation first), attached to the channels
+    it is combined with."""
+
+    leaves: frozenset[int] = frozenset()
 
 
 _STAT = _Stat()
@@ -176,12 +180,12 @@ def _location(eqn) -> str:
     stack = str(eqn.source_info.name_stack)
     if stack:
         parts.append(f"in layer {stack}")
-    try:
-        from jax._src import source_info_util
-
-        parts.append(f"at {source_info_util.summarize(eqn.source_info)}")
-    except Exception:  # private API: the location is a courtesy
-        pass
+    frames = getattr(eqn.source_info.traceback, "frames", None) or []
+    libraries = ("/flax/", "/jax/", "/jaxlib/", "/ifjax/", "/site-packages/")
+    for frame in frames:  # innermost first: the first frame of the user's own code
+        if not any(part in frame.file_name for part in libraries):
+            parts.append(f"at {frame.file_name}:{frame.line_num} ({frame.function_name})")
+            break
     return ", ".join(parts) or "location unknown"
 
 
@@ -264,7 +268,10 @@ class _Tracer:
             if any(isinstance(a, _Stat) for a in ins):
                 if name in ("conv_general_dilated", "dot_general"):
                     raise GraphError(f"{name}: a layer reads values reduced over channels")
-                return [_STAT] * len(eqn.outvars)
+                leaves = frozenset().union(
+                    *(a.leaves for a in ins if isinstance(a, (_Param, _Stat)))
+                )
+                return [_Stat(leaves)] * len(eqn.outvars)
             leaves = frozenset().union(*(a.leaves for a in ins if isinstance(a, _Param)))
             if not leaves:
                 return [None] * len(eqn.outvars)
@@ -379,6 +386,8 @@ class _Tracer:
         for v, a in zip(eqn.invars, ins, strict=True):
             if isinstance(a, _Param):
                 self.attach(first, a, tuple(v.aval.shape), rank)
+            elif isinstance(a, _Stat) and a.leaves:
+                self.attach_statistic(first, a)
         keeps_source = (
             len(acts) == 1 and name in _AFFINE and not any(isinstance(a, _Stat) for a in ins)
         )
@@ -405,6 +414,19 @@ class _Tracer:
                 continue
             axis = next((i for i, d in enumerate(leaf_shape) if d == size), 0)
             self.attached.append((act.space, leaf, axis, act.source))
+
+    def attach_statistic(self, act: _Act, stat: _Stat) -> None:
+        """Per-channel variables that entered a reduced value (LayerNorm's scale)."""
+        size = self.space_size[self.find(act.space)]
+        for leaf in stat.leaves:
+            shape = self.leaf_shapes[leaf]
+            if act.outer * act.inner == 1 and math.prod(shape) == size and size in shape:
+                self.attached.append((act.space, leaf, shape.index(size), None))
+            elif math.prod(shape) > 1:
+                raise GraphError(
+                    f"a variable of shape {shape} is combined with values reduced over "
+                    "channels in a way that is not per channel"
+                )
 
     def op_broadcast_in_dim(self, eqn, x: _Act) -> _Act:
         dims = eqn.params["broadcast_dimensions"]

@@ -143,3 +143,66 @@ def test_jitted_function_named_conv_general_dilated_is_a_convolution():
         (6, ("Conv_1",), ("Dense_0",)),
         (4, ("Conv_0",), ("Conv_1",)),
     ]
+
+
+class _LayerNormMlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm()(nn.Dense(8)(x))
+        shift = self.param("shift", nn.initializers.zeros_init(), (8,))  # bias-only op
+        x = nn.gelu(x + shift)
+        return nn.Dense(2)(x)
+
+
+def test_layernorm_couples_the_features_it_normalizes():
+    x = jnp.ones((2, 5))
+    variables = _LayerNormMlp().init(jax.random.key(0), x)
+    (group,) = ifjax.discover_groups(_LayerNormMlp(), variables, x)
+    assert group.size == 8
+    assert [w.module for w in group.writers] == [("Dense_0",)]
+    assert [r.module for r in group.readers] == [("Dense_1",)]
+    assert {"/".join(p) for p, _ in group.channel_params} == {
+        "params/Dense_0/bias",
+        "params/LayerNorm_0/scale",
+        "params/LayerNorm_0/bias",
+        "params/shift",
+    }
+
+
+class _GroupNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.GroupNorm(num_groups=2)(nn.Conv(4, (3, 3))(x))
+        return nn.Dense(2)(x.mean((1, 2)))
+
+
+@pytest.mark.parametrize(
+    "module,operation,layer",
+    [
+        (_Concat(), "concatenate", ""),
+        (_Depthwise(), "grouped", "Conv_1"),
+        (_GroupNormNet(), "splits the channel axis", "GroupNorm_0"),
+    ],
+)
+def test_unanalysable_operations_name_operation_and_layer(module, operation, layer):
+    x = jnp.zeros((1, 8, 8, 3))
+    variables = module.init(jax.random.key(0), x)
+    with pytest.raises(ifjax.GraphError, match=f"{operation}.*in layer .*{layer}") as error:
+        ifjax.discover_groups(module, variables, x)
+    assert "test_graph.py" in str(error.value)  # the user's source line
+
+
+def test_nnx_layernorm_and_sequential():
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+    model = nnx.Sequential(
+        nnx.Linear(5, 8, rngs=rngs), nnx.LayerNorm(8, rngs=rngs), nnx.relu,
+        nnx.Linear(8, 3, rngs=rngs),
+    )  # fmt: skip
+    (group,) = ifjax.discover_groups(model, jnp.ones((2, 5)))
+    assert group.size == 8
+    assert group.writers[0].kernel == ("params", "layers", "0", "kernel")
+    assert group.readers[0].kernel == ("params", "layers", "3", "kernel")
+    small, _ = ifjax.prune(model, "all", sparsity=0.5, example_input=jnp.ones((2, 5)))
+    assert small.layers[1].num_features == 4 and small(jnp.ones((2, 5))).shape == (2, 3)
