@@ -1,9 +1,15 @@
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from models import VGG, resnet18
+
+# Tests never download datasets: train.data refuses the network while this is set (the
+# tests of downloads serve their archives from 127.0.0.1 and unset it).
+os.environ["IFJAX_OFFLINE"] = "1"
 
 
 def random_variables(model, x, seed=0):

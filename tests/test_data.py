@@ -202,7 +202,6 @@ def test_load_unknown_name() -> None:
         data.load_dataset("mnist", "train")
 
 
-@pytest.mark.skipif(HAS_TF, reason="with TensorFlow tfds would try to download cifar10")
 def test_cifar10_falls_back_to_zip(tiny_zip: Path, tmp_path: Path) -> None:
     ds = data.load_dataset("cifar10", "train", data_dir=tmp_path / "dd", zip_path=tiny_zip)
     assert ds.name == "cifar10" and ds.source.startswith("cifar10_jpeg")

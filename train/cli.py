@@ -429,7 +429,8 @@ def _run_demo(args: argparse.Namespace) -> None:
         overrides["importances"] = tuple(args.importances)
     result = jobs.demo(args.workdir, data_dir=args.data_dir, zip_path=args.zip_path, **overrides)
     trained = result["train"]
-    print(f"\nbase model {trained['checkpoint']}: test top-1: {trained['test_top1']:.2f}%\n")
+    print(f"\ndata: {trained['data_source']}")
+    print(f"base model {trained['checkpoint']}: test top-1: {trained['test_top1']:.2f}%\n")
     _report_datafree(result["datafree"])
     print(f"demo finished in {result['seconds'] / 60:.1f} min")
 

@@ -3,14 +3,16 @@
 Every dataset is read through ``tfds`` random-access data sources (array_record files),
 which need neither TensorFlow nor apache-beam at read time.
 
+* ``cifar10`` / ``cifar100``: tfds' datasets. A prepared copy is read as it is; a missing
+  one is prepared without TensorFlow from the official python archive, downloaded into
+  ``<data_dir>/downloads`` and verified (:func:`prepare_cifar`, :mod:`train.cifar`).
+  ``cifar10`` takes the offline zip (``cifar10_jpeg``) before the download;
+  :func:`load_dataset` lists the order.
 * ``cifar10_jpeg``: the offline CIFAR-10 JPEG export (``../shared/data/cifar10-jpeg.zip``),
   registered here as the tfds builder :class:`Cifar10Jpeg`. Preparing it needs no
   TensorFlow: the original JPEG bytes are stored as they are (no re-encoding, so pixels
   are exactly what Pillow decodes from the zip) and example order is the sorted file
   names (shuffling disabled), so example ``i`` of a split is always the same image.
-* ``cifar10`` / ``cifar100``: tfds' own builders. Reading a prepared array_record copy
-  needs no TensorFlow; *preparing* them does (tfds encodes their PNGs with TensorFlow).
-  ``cifar10`` falls back to ``cifar10_jpeg`` when tfds cannot provide it.
 * ``imagenet2012``: tfds' builder (manual download), read lazily, decoded per example.
 
 CIFAR-sized splits are materialised as numpy arrays (:class:`ArrayDataset`) and cached
@@ -19,7 +21,7 @@ iterator of normalised, optionally augmented batches, deterministic in (seed, ep
 and prepared by background threads.
 
 Where datasets live: ``data_dir`` argument, else ``$IFJAX_DATA_DIR``, else
-``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``.
+``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``. ``$IFJAX_OFFLINE=1`` forbids downloads.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ import tqdm
 from etils import epath
 from PIL import Image
 
+from train import cifar
+
 __all__ = [
     "CIFAR10_CLASSES",
     "IMAGENET_MEAN",
@@ -65,6 +69,7 @@ __all__ = [
     "load_dataset",
     "materialize",
     "normalize",
+    "prepare_cifar",
     "prepare_cifar10_jpeg",
     "random_crop_flip",
     "random_subset",
@@ -605,38 +610,140 @@ _IMAGENET_HINT = (
 )
 
 
-def _tfds_source(name: str, split: str, root: Path, download: bool, decoders: Any = None) -> Any:
-    """Opens a tfds array_record data source, preparing it with tfds if allowed.
+def _open_prepared(name: str, split: str, root: Path, decoders: Any = None) -> tuple[Any, str]:
+    """A prepared tfds array_record data source and "", or None and why it is not there."""
+    try:
+        source = tfds.data_source(
+            name,
+            split=split,
+            data_dir=os.fspath(root),
+            download=False,
+            decoders=decoders,
+            builder_kwargs={"file_format": _ARRAY_RECORD},
+        )
+    except Exception as error:  # tfds raises KeyError, ValueError, ... when not prepared
+        return None, f"{name} is not prepared as array_record in {root} ({error!r})"
+    return source, ""
+
+
+def _tfds_origin(source: Any) -> str:
+    return f"tfds {source.dataset_info.full_name} ({source.dataset_info.data_dir})"
+
+
+def _imagenet_source(split: str, root: Path, download: bool) -> Any:
+    """Opens imagenet2012 (images left encoded), preparing it with tfds if allowed.
 
     Raises:
-        DatasetUnavailableError: not prepared and not preparable (offline, no TF, ...).
+        DatasetUnavailableError: not prepared and not preparable (no TF, no manual files).
     """
-    kwargs = dict(
-        split=split,
-        data_dir=os.fspath(root),
-        decoders=decoders,
-        builder_kwargs={"file_format": _ARRAY_RECORD},
-    )
-    try:
-        return tfds.data_source(name, download=False, **kwargs)
-    except Exception as error:  # tfds raises KeyError, ValueError, ... when not prepared
-        missing = f"{name} is not prepared as array_record in {root} ({error!r})."
-    hint = _IMAGENET_HINT if name == "imagenet2012" else ""
+    decoders = {"image": tfds.decode.SkipDecoding()}
+    source, missing = _open_prepared("imagenet2012", split, root, decoders)
+    if source is not None:
+        return source
     if not download:
-        raise DatasetUnavailableError(f"{missing} download=False.{hint}")
+        raise DatasetUnavailableError(f"{missing}. download=False.{_IMAGENET_HINT}")
     if importlib.util.find_spec("tensorflow") is None:
         raise DatasetUnavailableError(
-            f"{missing} tfds needs TensorFlow to prepare {name} and it is not installed:"
-            f" install tensorflow, or prepare it elsewhere with tfds.data_source({name!r},"
-            f" builder_kwargs={{'file_format': 'array_record'}}) and copy {name}/ into"
-            f" {root}.{hint}"
+            f"{missing}. tfds needs TensorFlow to prepare imagenet2012 and it is not"
+            " installed: install tensorflow, or prepare it elsewhere with"
+            " tfds.data_source('imagenet2012', builder_kwargs={'file_format': 'array_record'})"
+            f" and copy imagenet2012/ into {root}.{_IMAGENET_HINT}"
         )
     try:
-        return tfds.data_source(name, download=True, **kwargs)
+        return tfds.data_source(
+            "imagenet2012",
+            split=split,
+            data_dir=os.fspath(root),
+            decoders=decoders,
+            builder_kwargs={"file_format": _ARRAY_RECORD},
+        )
     except Exception as error:
         raise DatasetUnavailableError(
-            f"{missing} Preparing it with tfds failed (no internet?): {error!r}.{hint}"
+            f"{missing}. Preparing it with tfds failed: {error!r}.{_IMAGENET_HINT}"
         ) from error
+
+
+def _offline_reason(download: bool) -> str | None:
+    """Why the network must not be used, or None when it may be."""
+    if not download:
+        return "download=False"
+    if os.environ.get("IFJAX_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "$IFJAX_OFFLINE is set"
+    return None
+
+
+def prepare_cifar(
+    name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True
+) -> tfds.core.DatasetBuilder:
+    """Prepares tfds' ``cifar10`` or ``cifar100`` from its official archive, without TF.
+
+    The archive is taken from ``<data_dir>/downloads`` when it is there, else downloaded
+    there (not when ``download`` is False or ``$IFJAX_OFFLINE`` is set); its checksums
+    are verified before it is converted (see :mod:`train.cifar`). A file lock keeps two
+    processes from preparing the same data_dir at once; a no-op when prepared.
+
+    Args:
+        name: ``cifar10`` or ``cifar100``.
+        data_dir: tfds data dir (see :func:`default_data_dir`).
+        download: allow the download.
+
+    Returns:
+        The prepared builder (``builder.as_data_source(split)`` reads it).
+
+    Raises:
+        train.cifar.ArchiveError: no archive and no download, or a failed, wrong or
+            corrupt archive; nothing is left prepared.
+    """
+    root = default_data_dir(data_dir)
+    offline = _offline_reason(download)
+    with _file_lock(root / f".{name}.lock"):
+        try:
+            return cifar.prepare(cifar.ARCHIVES[name], root, download_missing=offline is None)
+        except cifar.DownloadError as error:
+            if offline is None:
+                raise
+            raise cifar.DownloadError(f"{error} ({offline})") from error
+
+
+def _unavailable_message(name: str, root: Path, tried: list[str]) -> str:
+    """One message: the sources tried, in order, and how to get the dataset."""
+    archive = cifar.ARCHIVES[name]
+    remedies = [
+        f"run again with internet access (it downloads {archive.url},"
+        f" {archive.size / 2**20:.0f} MiB, into {root / 'downloads'})",
+        f"or put {archive.filename} there yourself",
+    ]
+    if name == "cifar10":
+        remedies.append("or pass --zip-path (or set $IFJAX_CIFAR10_ZIP) to cifar10-jpeg.zip")
+    return (
+        f"{name} is not available here. Tried: {'; '.join(tried)}."
+        f" To get it: {', '.join(remedies)}."
+    )
+
+
+def _load_cifar(
+    name: str, split: str, root: Path, zip_path: str | os.PathLike | None, download: bool
+) -> ArrayDataset:
+    """``cifar10`` or ``cifar100`` from the first source that has it (see load_dataset)."""
+    source, missing = _open_prepared(name, split, root)
+    if source is not None:
+        log.info("%s/%s: %s", name, split, _tfds_origin(source))
+        return _array_dataset_from_source(source, name, _tfds_origin(source))
+    tried = [f"(1) a prepared copy: {missing}"]
+    if name == "cifar10":
+        if Cifar10Jpeg(data_dir=os.fspath(root)).is_prepared() or find_cifar10_zip(zip_path):
+            return _load_cifar10_jpeg(split, root, zip_path, name)
+        looked = ", ".join(str(p) for p in _zip_candidates(zip_path))
+        tried.append(f"(2) the offline CIFAR-10 zip: not found (looked at {looked})")
+    try:
+        builder = prepare_cifar(name, root, download=download)
+    except cifar.ArchiveError as error:
+        tried.append(f"({len(tried) + 1}) the official archive: {error}")
+        raise DatasetUnavailableError(_unavailable_message(name, root, tried)) from error
+    source = builder.as_data_source(split=split)
+    origin = f"{_tfds_origin(source)}, prepared from {cifar.ARCHIVES[name].url}"
+    log.info("%s/%s: %s", name, split, origin)
+    return _array_dataset_from_source(source, name, origin)
 
 
 def _load_cifar10_jpeg(
@@ -660,15 +767,23 @@ def load_dataset(
     """Loads a split of ``cifar10``, ``cifar10_jpeg``, ``cifar100`` or ``imagenet2012``.
 
     CIFAR splits come back in memory (cached as .npz next to the prepared dataset);
-    ImageNet comes back lazy. ``cifar10`` falls back to the offline zip when tfds has no
-    prepared copy and cannot prepare one (no internet, no TensorFlow); the log says which.
+    ImageNet comes back lazy. ``cifar10`` and ``cifar100`` come from the first of:
+
+    1. a prepared copy (tfds array_record) in the data dir;
+    2. ``cifar10`` only: the offline JPEG export, ``cifar10_jpeg``, prepared already or
+       now from its zip (``zip_path``, ``$IFJAX_CIFAR10_ZIP``, ``../shared/data``);
+    3. the official archive, downloaded (short connect timeout), verified and converted
+       by :func:`prepare_cifar`, read through tfds from then on.
+
+    The log and the dataset's ``source`` say which; when none works the error says
+    what was tried and how to get the dataset.
 
     Args:
         name: dataset name.
         split: tfds split, e.g. ``train``, ``test``, ``validation``, ``train[:10%]``.
         data_dir: tfds data dir (see :func:`default_data_dir`).
         zip_path: CIFAR-10 JPEG zip (see :func:`find_cifar10_zip`).
-        download: let tfds download/prepare a missing dataset.
+        download: allow downloads (CIFAR archives; tfds' preparation of ImageNet).
         image_size: output side of ImageNet images.
 
     Returns:
@@ -683,27 +798,20 @@ def load_dataset(
     if name not in _TFDS_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; one of cifar10_jpeg, {_TFDS_DATASETS}")
     root = default_data_dir(data_dir)
-    decoders = {"image": tfds.decode.SkipDecoding()} if name == "imagenet2012" else None
-    try:
-        source = _tfds_source(name, split, root, download, decoders)
-    except DatasetUnavailableError as error:
-        if name != "cifar10" or find_cifar10_zip(zip_path) is None:
-            raise
-        log.warning("tfds cifar10 unavailable, using the offline JPEG zip instead: %s", error)
-        return _load_cifar10_jpeg(split, data_dir, zip_path, name)
-    origin = f"tfds {source.dataset_info.full_name} ({source.dataset_info.data_dir})"
+    if name != "imagenet2012":
+        return _load_cifar(name, split, root, zip_path, download)
+    source = _imagenet_source(split, root, download)
+    origin = _tfds_origin(source)
     log.info("%s/%s: %s", name, split, origin)
-    if name == "imagenet2012":
-        num_classes = int(source.dataset_info.features["label"].num_classes)
-        return LazyImageDataset(
-            source,
-            num_classes=num_classes,
-            image_size=image_size,
-            name=name,
-            split=split,
-            source=origin,
-        )
-    return _array_dataset_from_source(source, name, origin)
+    num_classes = int(source.dataset_info.features["label"].num_classes)
+    return LazyImageDataset(
+        source,
+        num_classes=num_classes,
+        image_size=image_size,
+        name=name,
+        split=split,
+        source=origin,
+    )
 
 
 # --------------------------------------------------------------------------------------
