@@ -622,7 +622,8 @@ def _open_prepared(name: str, split: str, root: Path, decoders: Any = None) -> t
             builder_kwargs={"file_format": _ARRAY_RECORD},
         )
     except Exception as error:  # tfds raises KeyError, ValueError, ... when not prepared
-        return None, f"{name} is not prepared as array_record in {root} ({error!r})"
+        log.debug("tfds.data_source(%r) in %s: %r", name, root, error)
+        return None, f"{name} is not prepared as array_record in {root}"
     return source, ""
 
 
@@ -733,7 +734,7 @@ def _load_cifar(
     if name == "cifar10":
         if Cifar10Jpeg(data_dir=os.fspath(root)).is_prepared() or find_cifar10_zip(zip_path):
             return _load_cifar10_jpeg(split, root, zip_path, name)
-        looked = ", ".join(str(p) for p in _zip_candidates(zip_path))
+        looked = ", ".join(dict.fromkeys(str(p.resolve()) for p in _zip_candidates(zip_path)))
         tried.append(f"(2) the offline CIFAR-10 zip: not found (looked at {looked})")
     try:
         builder = prepare_cifar(name, root, download=download)
