@@ -753,7 +753,8 @@ def _load_cifar10_jpeg(
     builder = prepare_cifar10_jpeg(data_dir, zip_path)
     source = builder.as_data_source(split=split)
     log.info("%s/%s: offline CIFAR-10 JPEG export in %s", name, split, builder.data_dir)
-    return _array_dataset_from_source(source, name, f"cifar10_jpeg ({builder.data_dir})")
+    origin = f"cifar10_jpeg ({builder.data_dir}), the offline CIFAR-10 JPEG export"
+    return _array_dataset_from_source(source, name, origin)
 
 
 def load_dataset(
