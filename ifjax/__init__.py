@@ -15,13 +15,18 @@ from ifjax._prune import PrunePlan, Pruner, default_pruning, intra_fusion, keep_
 from ifjax._transport import (
     ExactSolver,
     SinkhornSolver,
+    Solver,
+    TransportProblem,
     TransportResult,
     l1_cost,
+    make_solver,
     marginals,
     normalize_rows,
     transport_map,
+    transport_problem,
 )
 from ifjax._validate import check_variables_finite, check_variables_match
+from ifjax._widths import register_width_rule
 
 __version__ = "0.1.0"
 
@@ -36,6 +41,8 @@ __all__ = [
     "Pruner",
     "Reader",
     "SinkhornSolver",
+    "Solver",
+    "TransportProblem",
     "TransportResult",
     "Writer",
     "accumulate_gradients",
@@ -53,9 +60,12 @@ __all__ = [
     "keep_count",
     "l1_cost",
     "lamp_transform",
+    "make_solver",
     "marginals",
     "merge_group",
     "normalize_rows",
     "prune",
+    "register_width_rule",
     "transport_map",
+    "transport_problem",
 ]

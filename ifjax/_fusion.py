@@ -20,18 +20,24 @@ Channel features (what the cost compares), per group:
   the map found for a group does not depend on the maps of the others. Only sufficient
   statistics are kept (channel norms and anchor-model cross products), accumulated over
   chunks of samples, so memory does not grow with the number of samples.
-* ``"weight"``: the group's weights, as :func:`ifjax.channel_features`. Weight vectors
-  mix axes of several groups, so groups are aligned one after another, each on the
-  model with the maps found so far applied, and a layer's slice is compared only once
-  its other axis is aligned (or is the model's input or output): a writer's output rows
-  once the group it reads is aligned, a reader's input columns once the group it writes
-  is aligned. Groups are visited so that every group has at least one such writer
-  (the first layer writing it reads an earlier group).
+* ``"weight"``: the group's weights, as :func:`ifjax.channel_features`, normalized to
+  unit length. Weight vectors mix axes of several groups, so groups are aligned one
+  after another, each on the model with the maps found so far applied, and a layer's
+  slice is compared only once its other axis is aligned (or is the model's input or
+  output): a writer's output rows once the group it reads is aligned, a reader's input
+  columns once the group it writes is aligned. Groups are visited so that every group
+  has at least one such writer (the first layer writing it reads an earlier group).
 
-Cost: squared Euclidean distance between normalized features; marginals uniform;
-solver exact (POT's network simplex) or entropic (ott-jax Sinkhorn). The map is the plan
-scaled so that each anchor channel receives a convex combination of the other model's
-channels (a permutation matrix for an exact plan between equal uniform marginals).
+Transport, with the pieces pruning uses (``ifjax._transport``, ``ifjax._merge``): the
+cost is the squared Euclidean distance between normalized features (computed from the
+statistics for ``"activation"``, by ``squared_euclidean_cost`` for ``"weight"``); the
+problem has uniform marginals; the solver is exact (POT's network simplex) or entropic
+(ott-jax Sinkhorn), from :func:`ifjax.make_solver`. The map is ``barycentric_map``: the
+plan scaled so that each anchor channel receives a convex combination of the other
+model's channels (a permutation matrix for an exact plan between equal uniform
+marginals). ``transport_group`` applies it: kernels, biases and BatchNorm
+scale/bias/mean mix linearly, a BatchNorm variance becomes the variance of the mixture,
+``T var + max(T mean^2 - (T mean)^2, 0)``.
 
 Averaging: every parameter is the mean of the aligned models; BatchNorm running
 statistics are combined as the statistics of the mixture: ``mean = mean_i(mean_i)`` and
@@ -49,9 +55,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ifjax._channels import channel_features
 from ifjax._graph import Group, view_groups
+from ifjax._local import localize
+from ifjax._merge import transport_group
 from ifjax._model import ModelView, is_nnx, model_view
-from ifjax._prune import _make_solver
+from ifjax._transport import (
+    Solver,
+    barycentric_map,
+    make_solver,
+    normalize_rows,
+    squared_euclidean_cost,
+    transport_problem,
+)
 from ifjax._tree import Path, tree_get, tree_paths, tree_replace
 from ifjax._validate import check_group, check_variables_finite
 
@@ -63,34 +79,24 @@ FUSION_METHODS = ("activation", "weight")
 @dataclasses.dataclass(frozen=True)
 class _Config:
     method: str
-    solver: Any
+    solver: Solver
     num_samples: int
     batch_size: int
 
 
 # ----------------------------------------------------------------------------- maps
-# Weight surgery runs in numpy on the host: it is done once per fusion, and compiling
-# a few hundred small XLA computations would cost far more than the arithmetic.
-
-
-def _squared_euclidean(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pairwise squared Euclidean distances (n, m) between rows of x (n, D) and y (m, D)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    cost = np.sum(x * x, 1)[:, None] + np.sum(y * y, 1)[None, :] - 2 * x @ y.T
-    return np.maximum(cost, 0.0)
+# The cost, problem, solver and map come from ifjax._transport, the merge from
+# ifjax._merge, as for pruning. Every compiled function takes a group's own arrays under
+# canonical names (ifjax._local), so groups of equal structure and shapes share one
+# compilation: a fusion compiles a few small functions, not one per operation.
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
-def _solve_map(cost: jnp.ndarray, solver: Any) -> jnp.ndarray:
-    n_source, n_target = cost.shape
-    a = jnp.full((n_source,), 1.0 / n_source)
-    b = jnp.full((n_target,), 1.0 / n_target)
-    plan = solver(cost, a, b).plan
-    mass = jnp.sum(plan, axis=0)
-    return plan.T / jnp.where(mass > 0, mass, 1.0)[:, None]
+def _solve_map(cost: jnp.ndarray, solver: Solver) -> jnp.ndarray:
+    return barycentric_map(transport_problem(cost).solve(solver).plan)
 
 
-def _alignment_map(cost: np.ndarray, solver: Any) -> np.ndarray:
+def _alignment_map(cost: Any, solver: Solver) -> np.ndarray:
     """Map (n_anchor, n_other) from a cost (n_other, n_anchor), uniform marginals.
 
     Row k of the map holds the weights of the other model's channels that become its
@@ -99,44 +105,18 @@ def _alignment_map(cost: np.ndarray, solver: Any) -> np.ndarray:
     return np.asarray(_solve_map(jnp.asarray(cost, jnp.float32), solver))
 
 
-def _apply_map(matrix: np.ndarray, x: np.ndarray, axis: int, outer: int = 1, inner: int = 1):
-    """Applies ``matrix`` (m, n) to axis ``axis`` of ``x`` laid out as (outer, n, inner)."""
-    moved = np.moveaxis(x, axis, 0)
-    rest = moved.shape[1:]
-    blocks = moved.reshape((outer, matrix.shape[1], -1))
-    merged = np.einsum("kj,ojr->okr", matrix.astype(x.dtype), blocks, optimize=True)
-    return np.moveaxis(merged.reshape((-1,) + rest), 0, axis)
+@functools.partial(jax.jit, static_argnames=("group",))
+def _transport_local(variables, group: Group, transport):
+    # full float32 products: a permutation must move weights exactly (no TF32 on GPUs)
+    with jax.default_matmul_precision("float32"):
+        return transport_group(variables, group, transport)
 
 
-def _channel_rows(kernel: np.ndarray, axis: int, n: int, outer: int = 1, inner: int = 1):
-    """The kernel as (n, everything else): row j holds channel j's slice."""
-    moved = np.moveaxis(np.asarray(kernel), axis, 0)
-    blocks = moved.reshape((outer, n, -1))
-    return np.moveaxis(blocks, 1, 0).reshape(n, -1)
-
-
-def _transport_group(variables: Any, group: Group, transport: np.ndarray) -> dict[str, Any]:
-    """Applies an (n, n) map to every slice of a group, BatchNorm statistics as moments.
-
-    Kernels, biases and BatchNorm scale/bias/mean mix linearly; a BatchNorm variance
-    becomes the variance of the mixture, ``T var + T mean^2 - (T mean)^2`` (exactly
-    ``var`` permuted when ``T`` is a permutation).
-    """
-    get = lambda path: np.asarray(tree_get(variables, path))
-    updates: dict[Path, np.ndarray] = {}
-    for w in group.writers:
-        updates[w.kernel] = _apply_map(transport, get(w.kernel), w.axis)
-    for r in group.readers:
-        updates[r.kernel] = _apply_map(transport, get(r.kernel), r.axis, r.outer, r.inner)
-    params = dict(group.channel_params)
-    for path, axis in group.channel_params:
-        mean_path = path[:-1] + ("mean",)
-        updates[path] = _apply_map(transport, get(path), axis)
-        if path[0] == "batch_stats" and path[-1] == "var" and mean_path in params:
-            mean = get(mean_path)
-            spread = _apply_map(transport, mean**2, axis) - _apply_map(transport, mean, axis) ** 2
-            updates[path] = updates[path] + np.maximum(spread, 0.0)
-    return tree_replace(variables, updates)
+def _transport_group(variables: Any, group: Group, transport: Any) -> dict[str, Any]:
+    """Applies an (n, n) map to every slice of a group (see ``ifjax._merge``)."""
+    local = localize(group)
+    merged = _transport_local(local.gather(variables), local.group, jnp.asarray(transport))
+    return local.scatter(variables, merged)
 
 
 def _transport_all(variables: Any, groups: Sequence[Group], maps: Mapping[int, Any]) -> Any:
@@ -147,6 +127,10 @@ def _transport_all(variables: Any, groups: Sequence[Group], maps: Mapping[int, A
 
 def _to_host(variables: Mapping[str, Any]) -> dict[str, Any]:
     return jax.tree.map(np.asarray, jax.device_get(dict(variables)))
+
+
+def _to_device(variables: Mapping[str, Any]) -> dict[str, Any]:
+    return jax.tree.map(jnp.asarray, dict(variables))
 
 
 # ----------------------------------------------------------------------------- activations
@@ -225,7 +209,7 @@ def _activation_alignment(view: ModelView, variables_list, groups, inputs, confi
             g.index: _alignment_map(_activation_cost(stats, _group_modules(g)), config.solver)
             for g in groups
         }
-        results.append((_transport_all(_to_host(variables), groups, maps), maps))
+        results.append((_transport_all(_to_device(variables), groups, maps), maps))
     return results
 
 
@@ -252,34 +236,35 @@ def _forward_order(groups: Sequence[Group]) -> list[Group]:
     return order
 
 
-def _weight_features(variables, group: Group, done: set[int], neighbours) -> np.ndarray:
-    """Unit-norm weight slices (n, D) whose other axis is aligned already (or fixed)."""
+def _compared_slices(group: Group, done: set[int], neighbours) -> Group:
+    """The part of a group whose weight slices are compared: the writers whose input is
+    aligned (all writers if none is), the readers whose output is aligned."""
     reads, writes = neighbours
-    get = lambda path: np.asarray(tree_get(variables, path))
-    n = get(group.writers[0].kernel).shape[group.writers[0].axis]
-    writers = [w for w in group.writers if reads.get(w.kernel, -1) in done] or group.writers
-    rows = [_channel_rows(get(w.kernel), w.axis, n) for w in writers]
-    rows += [
-        _channel_rows(get(r.kernel), r.axis, n, r.outer, r.inner)
-        for r in group.readers
-        if writes.get(r.kernel, -1) in done
-    ]
-    features = np.concatenate(rows, axis=1).astype(np.float64)
-    norm = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.where(norm > 0, norm, 1.0)
+    writers = tuple(w for w in group.writers if reads.get(w.kernel, -1) in done)
+    readers = tuple(r for r in group.readers if writes.get(r.kernel, -1) in done)
+    return dataclasses.replace(
+        group, writers=writers or group.writers, readers=readers, channel_params=()
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("group",))
+def _weight_cost(anchor, other, group: Group) -> jnp.ndarray:
+    """Cost (n_other, n_anchor) between the unit-norm weight features of ``group`` (see
+    :func:`_compared_slices`) of the two models."""
+    features_a = normalize_rows(channel_features(anchor, group))
+    features_b = normalize_rows(channel_features(other, group))
+    return squared_euclidean_cost(features_b, features_a)
 
 
 def _weight_alignment(anchor, other, groups: Sequence[Group], config: _Config):
     """Aligns one model to the anchor group by group (see the module docstring)."""
-    anchor, other = _to_host(anchor), _to_host(other)
+    anchor, other = _to_device(anchor), _to_device(other)
     neighbours = _neighbour_groups(groups)
     done, maps = {-1}, {}
     for group in _forward_order(groups):
-        features_a = _weight_features(anchor, group, done, neighbours)
-        features_b = _weight_features(other, group, done, neighbours)
-        maps[group.index] = _alignment_map(
-            _squared_euclidean(features_b, features_a), config.solver
-        )
+        local = localize(_compared_slices(group, done, neighbours))
+        cost = _weight_cost(local.gather(anchor), local.gather(other), local.group)
+        maps[group.index] = _alignment_map(cost, config.solver)
         other = _transport_group(other, group, maps[group.index])
         done.add(group.index)
     return other, maps
@@ -325,11 +310,11 @@ def _config(method, solver, num_samples, batch_size, options) -> _Config:
         raise ValueError(
             f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
         )
-    solver = _make_solver(
+    solver = make_solver(
         solver,
-        options.pop("epsilon", 1e-3),
-        options.pop("max_iterations", 5000),
-        options.pop("threshold", 1e-4),
+        epsilon=options.pop("epsilon", 1e-3),
+        max_iterations=options.pop("max_iterations", 5000),
+        threshold=options.pop("threshold", 1e-4),
     )
     if options:
         raise ValueError(f"unknown options {sorted(options)}")

@@ -1,8 +1,16 @@
-"""Merging a transport map into the weights of a group (physically or masked)."""
+"""Applying transport maps to the weights of a group: the one merge of pruning and fusion.
+
+:func:`apply_maps` applies an (m, n) map to every slice of a group's channels: writers'
+kernels, biases and the bias of the BatchNorm after them with a writer map, readers'
+input columns with a reader map, and the group's other per-channel variables by a rule
+of the caller. Pruning (:func:`merge_group`, :func:`merge_group_masked`) slices those to
+the kept channels; fusion (:func:`transport_group`) maps them too, BatchNorm statistics
+as the moments of a mixture.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -10,10 +18,13 @@ import jax.numpy as jnp
 from ifjax._graph import Group
 from ifjax._tree import Path, tree_get, tree_replace
 
-__all__ = ["masked_maps", "merge_group", "merge_group_masked"]
+__all__ = ["apply_maps", "masked_maps", "merge_group", "merge_group_masked", "transport_group"]
 
 # the value a masked (pruned but kept in place) per-channel variable gets
 _MASKED_FILL = {"var": 1.0}
+
+# ``rule(path, value, axis) -> new value`` of a per-channel variable
+ChannelRule = Callable[[Path, jnp.ndarray, int], jnp.ndarray]
 
 
 def _apply_axis(matrix: jnp.ndarray, x: jnp.ndarray, axis: int, outer: int = 1, inner: int = 1):
@@ -34,23 +45,30 @@ def _apply_axis(matrix: jnp.ndarray, x: jnp.ndarray, axis: int, outer: int = 1, 
     return jnp.moveaxis(merged, 0, axis)
 
 
-def masked_maps(
-    writer_map: jnp.ndarray, reader_map: jnp.ndarray, keep: jnp.ndarray
-) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """The (m, n) maps of a plan as (n, n) maps for the masked form, and the keep mask.
+def apply_maps(
+    variables: Mapping[str, Any],
+    group: Group,
+    writer_map: jnp.ndarray,
+    reader_map: jnp.ndarray,
+    rule: ChannelRule,
+) -> dict[str, Any]:
+    """Applies (m, n) maps to every slice of a group's channels.
 
-    Row ``keep[i]`` of each (n, n) map is row i of the (m, n) map, the other rows are
-    zero: applied to a layer, it puts the merged slices at the kept positions and zeros
-    elsewhere. Its shapes no longer depend on m, so neither does the masked merge.
+    Writers' kernels (output axis), their biases and the biases of the BatchNorms after
+    them are combined with ``writer_map``; readers' kernels (input axis, laid out as
+    ``outer, n, inner``) with ``reader_map``; every other per-channel variable of the
+    group (BatchNorm scale, mean, var, ...) becomes ``rule(path, value, axis)``.
+
+    Args:
+      variables: a variables tree holding the group's arrays.
+      group: the group (its paths name arrays of ``variables``).
+      writer_map: (m, n), row k the weights of the n channels that make channel k.
+      reader_map: (m, n), likewise for the readers' input columns.
+      rule: the new value of each other per-channel variable.
+
+    Returns:
+      ``variables`` with the group's arrays replaced (m channels); the input is unchanged.
     """
-    n = writer_map.shape[1]
-    expand = lambda matrix: jnp.zeros((n, n), matrix.dtype).at[keep].set(matrix)
-    return expand(writer_map), expand(reader_map), jnp.zeros((n,), bool).at[keep].set(True)
-
-
-def _merge(variables, group: Group, writer_map, reader_map, select) -> dict[str, Any]:
-    """Maps applied to every layer; ``select(path, value, axis)`` for the other
-    per-channel variables."""
     updates: dict[Path, jnp.ndarray] = {}
     merged_vectors: set[Path] = set()
     for w in group.writers:
@@ -63,8 +81,22 @@ def _merge(variables, group: Group, writer_map, reader_map, select) -> dict[str,
         updates[r.kernel] = _apply_axis(reader_map, kernel, r.axis, r.outer, r.inner)
     for path, axis in group.channel_params:
         if path not in merged_vectors:
-            updates[path] = select(path, tree_get(variables, path), axis)
+            updates[path] = rule(path, tree_get(variables, path), axis)
     return tree_replace(variables, updates)
+
+
+def masked_maps(
+    writer_map: jnp.ndarray, reader_map: jnp.ndarray, keep: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """The (m, n) maps of a plan as (n, n) maps for the masked form, and the keep mask.
+
+    Row ``keep[i]`` of each (n, n) map is row i of the (m, n) map, the other rows are
+    zero: applied to a layer, it puts the merged slices at the kept positions and zeros
+    elsewhere. Its shapes no longer depend on m, so neither does the masked merge.
+    """
+    n = writer_map.shape[1]
+    expand = lambda matrix: jnp.zeros((n, n), matrix.dtype).at[keep].set(matrix)
+    return expand(writer_map), expand(reader_map), jnp.zeros((n,), bool).at[keep].set(True)
 
 
 def merge_group_masked(
@@ -81,7 +113,7 @@ def merge_group_masked(
     def select(path, value, axis):
         return jnp.where(kept, value, _MASKED_FILL.get(path[-1], 0.0))
 
-    return _merge(variables, group, writer_map, reader_map, select)
+    return apply_maps(variables, group, writer_map, reader_map, select)
 
 
 def merge_group(
@@ -93,7 +125,7 @@ def merge_group(
     *,
     masked: bool = False,
 ) -> dict[str, Any]:
-    """Applies (m, n) maps to every layer of a group.
+    """Applies a pruning plan's (m, n) maps to every layer of a group.
 
     Writers (kernel output rows, their bias and the bias of the BatchNorm after them)
     are combined with ``writer_map``; readers' input columns with ``reader_map``; other
@@ -104,4 +136,28 @@ def merge_group(
     if masked:
         return merge_group_masked(variables, group, *masked_maps(writer_map, reader_map, keep))
     select = lambda path, value, axis: jnp.take(value, keep, axis=axis)
-    return _merge(variables, group, writer_map, reader_map, select)
+    return apply_maps(variables, group, writer_map, reader_map, select)
+
+
+def transport_group(
+    variables: Mapping[str, Any], group: Group, transport: jnp.ndarray
+) -> dict[str, Any]:
+    """Applies one (m, n) map to every slice of a group, BatchNorm statistics as moments.
+
+    Kernels, biases and every per-channel variable mix linearly with ``transport``,
+    except a BatchNorm variance (a ``batch_stats`` ``var`` next to a ``mean``), which
+    becomes the variance of the mixture, ``T var + max(T mean^2 - (T mean)^2, 0)``:
+    exactly ``var`` permuted when ``T`` is a permutation.
+    """
+    params = dict(group.channel_params)
+
+    def mix(path, value, axis):
+        mixed = _apply_axis(transport, value, axis)
+        mean_path = path[:-1] + ("mean",)
+        if path[0] == "batch_stats" and path[-1] == "var" and mean_path in params:
+            mean = tree_get(variables, mean_path)
+            spread = _apply_axis(transport, mean**2, axis) - _apply_axis(transport, mean, axis) ** 2
+            mixed = mixed + jnp.maximum(spread, 0.0)
+        return mixed
+
+    return apply_maps(variables, group, transport, transport, mix)

@@ -5,6 +5,10 @@ that closes over its hyperparameters, like an optax transformation:
 ``plan(variables, group) -> PrunePlan`` computes importance, keep set and transport map;
 ``apply(variables, group, plan) -> variables`` merges the map into the weights. Plans are
 plain data (arrays) and can be inspected, saved, or applied to stacked replicas.
+
+The transport problem (:class:`ifjax.TransportProblem`), its solver and map come from
+``ifjax._transport`` and the maps are merged by ``ifjax._merge``: the pieces model
+fusion (``ifjax._fusion``) uses too.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from ifjax._local import localize
 from ifjax._merge import masked_maps, merge_group, merge_group_masked
 from ifjax._model import ModelView, is_nnx, model_view, view_and_input
 from ifjax._transport import (
-    ExactSolver,
-    SinkhornSolver,
+    Solver,
+    TransportProblem,
     l1_cost,
+    make_solver,
     marginals,
     normalize_rows,
     source_marginal,
     transport_map,
+    transport_problem,
 )
 from ifjax._tree import shapes_of
 from ifjax._validate import check_group, check_sparsity, check_variables_finite
@@ -111,20 +117,29 @@ def _scores(variables, group: Group, importance: str, marginal: str | None, grad
     return scores, channel_features(variables, group), source_marginal(marginal, scores)
 
 
+class _GroupProblem(NamedTuple):
+    """What pruning one group at m channels solves: the keep set (m,), the importance
+    (n,) and, for Intra-Fusion, the transport problem from the n channels to m targets."""
+
+    keep: jnp.ndarray
+    scores: jnp.ndarray
+    transport: TransportProblem | None
+
+
 @functools.partial(jax.jit, static_argnames=("m", "marginal", "target"))
-def _problem(scores, features, a, m: int, marginal: str | None, target: str):
+def _problem(scores, features, a, m: int, marginal: str | None, target: str) -> _GroupProblem:
     """Keep set and (for Intra-Fusion) the transport problem (cost, marginals) of one
     group at m channels."""
     n = scores.shape[0]
     keep = jnp.sort(jnp.argsort(scores, stable=True)[n - m :])
     if marginal is None:
-        return keep, scores, None, None, None
+        return _GroupProblem(keep, scores, None)
     features = normalize_rows(features)
     targets = features[keep]
     if target == "centroids":
         targets = _kmeans(features, targets)
     _, b = marginals(marginal, scores, keep)
-    return keep, scores, l1_cost(features, targets), a, b
+    return _GroupProblem(keep, scores, transport_problem(l1_cost(features, targets), a, b))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,17 +147,18 @@ class _Solving:
     """The settings :func:`_solve` depends on (so pruners differing otherwise share it)."""
 
     method: str
-    solver: Any
+    solver: Solver | None
     map_normalization: str
 
 
-def _solve(config: _Solving, keep, scores, cost, a, b) -> PrunePlan:
+def _solve(config: _Solving, problem: _GroupProblem) -> PrunePlan:
     """Transport plan -> maps. Pure; vmapped over same-sized problems by plan_groups."""
+    keep, scores, transport = problem
     if config.method == "default":
         selection = jax.nn.one_hot(keep, scores.shape[0], dtype=jnp.float32)
         return PrunePlan(keep, scores, selection, selection, jnp.array(True), jnp.array(0.0))
-    result = config.solver(cost, a, b)
-    reader_map = transport_map(result.plan, a)
+    result = transport.solve(config.solver)
+    reader_map = transport_map(result.plan, transport.a)
     writer_map = reader_map
     if config.map_normalization == "row_average":
         writer_map = reader_map / jnp.sum(reader_map, axis=1, keepdims=True)
@@ -153,12 +169,12 @@ _solve_one = jax.jit(_solve, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _solve_batch(config: _Solving, problems: tuple) -> list[PrunePlan]:
+def _solve_batch(config: _Solving, problems: tuple[_GroupProblem, ...]) -> list[PrunePlan]:
     """Same-sized problems stacked, solved by one vmapped :func:`_solve` and split into
     one plan each, in one compiled function (eagerly, stacking and indexing would compile
     an operation per array, shape and index)."""
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *problems)
-    batch = jax.vmap(_solve, in_axes=(None, 0, 0, 0, 0, 0))(config, *stacked)
+    batch = jax.vmap(_solve, in_axes=(None, 0))(config, stacked)
     return [jax.tree.map(lambda x, j=j: x[j], batch) for j in range(len(problems))]
 
 
@@ -186,7 +202,7 @@ class _Config:
     importance: str
     marginals: str
     target: str
-    solver: Any
+    solver: Solver | None
     map_normalization: str
 
     @property
@@ -233,16 +249,6 @@ def _kept(n: int, sparsity: float | None, width: int | None, group: Group) -> in
     return width
 
 
-def _make_solver(solver: str | Any, epsilon, max_iterations, threshold):
-    if solver == "exact":
-        return ExactSolver()
-    if solver == "sinkhorn":
-        return SinkhornSolver(epsilon=epsilon, threshold=threshold, max_iterations=max_iterations)
-    if callable(solver) and not isinstance(solver, str):
-        return solver
-    raise ValueError(f"unknown solver {solver!r}; choose 'exact', 'sinkhorn' or a solver object")
-
-
 def _pruner(config: _Config) -> Pruner:
     def problem(variables, group, gradients, key, scores=None, width=None):
         check_group(variables, group)
@@ -277,7 +283,7 @@ def _pruner(config: _Config) -> Pruner:
 
     def plan(variables, group, *, width=None, gradients=None, key=None, scores=None):
         variables = _variables_of(variables)
-        return _solve_one(config.solving, *problem(variables, group, gradients, key, scores, width))
+        return _solve_one(config.solving, problem(variables, group, gradients, key, scores, width))
 
     def plan_groups(variables, groups, *, widths=None, gradients=None, key=None):
         variables = _variables_of(variables)
@@ -288,7 +294,7 @@ def _pruner(config: _Config) -> Pruner:
             problems.append(problem(variables, group, gradients, group_key, width=width))
         buckets: dict[tuple, list[int]] = {}
         for i, p in enumerate(problems):
-            buckets.setdefault((p[1].shape[0], p[0].shape[0]), []).append(i)
+            buckets.setdefault((p.scores.shape[0], p.keep.shape[0]), []).append(i)
         plans: list[Any] = [None] * len(problems)
         for members in buckets.values():
             solved = _solve_batch(config.solving, tuple(problems[i] for i in members))
@@ -319,7 +325,7 @@ def intra_fusion(
     *,
     marginals: str = "uniform",
     target: str = "most_important",
-    solver: str | Any = "exact",
+    solver: str | Solver = "exact",
     map_normalization: str = "reference",
     epsilon: float = 1e-3,
     max_iterations: int = 5000,
@@ -336,7 +342,8 @@ def intra_fusion(
       target: "most_important" (the kept channels) or "centroids" (k-means of the
         normalized features, started from the kept channels).
       solver: "exact" (POT's network simplex, as the reference), "sinkhorn" (ott-jax),
-        or any callable ``solver(cost, a, b) -> TransportResult``.
+        or any :class:`ifjax.Solver`, ``solver(cost, a, b) -> TransportResult`` (see
+        :func:`ifjax.make_solver`).
       map_normalization: "reference" (writing rows are summed with the map's
         coefficients, as the released code) or "row_average" (writing rows are
         averaged: function-preserving for duplicate channels).
@@ -359,7 +366,7 @@ def intra_fusion(
         importance,
         marginals,
         target,
-        _make_solver(solver, epsilon, max_iterations, threshold),
+        make_solver(solver, epsilon=epsilon, max_iterations=max_iterations, threshold=threshold),
         map_normalization,
     )
     return _pruner(config)

@@ -1,14 +1,18 @@
-"""The optimal-transport problem of one group: cost, marginals, solvers, transport map.
+"""The optimal-transport core shared by pruning and fusion: cost, problem, solver, map.
 
-Follows ott-jax's split: a cost geometry (normalized features, L1 distance), a problem
-(marginals), a solver behind one interface (exact network simplex, or entropic Sinkhorn
-from ott-jax), and the transport map derived from the plan.
+Follows ott-jax's split: a cost between channel features (:func:`l1_cost` for
+Intra-Fusion, :func:`squared_euclidean_cost` for OTFusion), a problem holding the cost
+and its marginals (:class:`TransportProblem`, built by :func:`transport_problem`), a
+solver behind one protocol (:class:`Solver`: exact network simplex, or entropic Sinkhorn
+from ott-jax; :func:`make_solver` turns the names into solvers), and a map derived from
+the plan (:func:`transport_map` for pruning, :func:`barycentric_map` for fusion), which
+``ifjax._merge`` applies to a group's weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +21,24 @@ import numpy as np
 __all__ = [
     "ExactSolver",
     "SinkhornSolver",
+    "Solver",
+    "TransportProblem",
     "TransportResult",
+    "barycentric_map",
     "l1_cost",
+    "make_solver",
     "marginals",
     "normalize_rows",
+    "source_marginal",
+    "squared_euclidean_cost",
     "transport_map",
+    "transport_problem",
 ]
+
+SOLVERS = ("exact", "sinkhorn")
+
+
+# ----------------------------------------------------------------------------- cost
 
 
 def normalize_rows(features: jnp.ndarray) -> jnp.ndarray:
@@ -37,6 +53,18 @@ def l1_cost(x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
     Computed row by row so memory stays O(m * D) for wide layers.
     """
     return jax.lax.map(lambda row: jnp.sum(jnp.abs(y - row), axis=1), x, batch_size=16)
+
+
+def squared_euclidean_cost(x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+    """Pairwise squared Euclidean distances (n, m) between rows of x (n, D) and y (m, D).
+
+    Computed row by row, as :func:`l1_cost`, from the differences (never negative, and
+    exactly 0 between equal rows).
+    """
+    return jax.lax.map(lambda row: jnp.sum((y - row) ** 2, axis=1), x, batch_size=16)
+
+
+# ----------------------------------------------------------------------------- problem
 
 
 def source_marginal(kind: str, importance: jnp.ndarray) -> jnp.ndarray:
@@ -60,6 +88,58 @@ def marginals(
     return a, kept / jnp.sum(kept)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TransportProblem:
+    """A linear transport problem: move the masses ``a`` onto ``b`` at a cost.
+
+    Build it with :func:`transport_problem`. It is a pytree of arrays (stack problems of
+    equal shapes to ``jax.vmap`` a solver over them).
+
+    Attributes:
+      cost: (n, m) cost of moving a unit of mass from source i to target j.
+      a: (n,) source masses.
+      b: (m,) target masses.
+    """
+
+    cost: jnp.ndarray
+    a: jnp.ndarray
+    b: jnp.ndarray
+
+    def solve(self, solver: Solver) -> TransportResult:
+        """The plan of this problem, found by ``solver``."""
+        return solver(self.cost, self.a, self.b)
+
+
+def transport_problem(
+    cost: jnp.ndarray, a: jnp.ndarray | None = None, b: jnp.ndarray | None = None
+) -> TransportProblem:
+    """The problem of a cost (n, m) and its marginals (uniform when not given).
+
+    Args:
+      cost: (n, m) pairwise cost between source and target channels.
+      a: (n,) source masses; default ``1 / n`` each.
+      b: (m,) target masses; default ``1 / m`` each.
+
+    Example:
+      >>> problem = transport_problem(l1_cost(features, features[keep]))
+      >>> plan = problem.solve(ExactSolver()).plan
+    """
+    cost = jnp.asarray(cost)
+    if cost.ndim != 2:
+        raise ValueError(f"cost must be a matrix (n, m), got shape {cost.shape}")
+    n, m = cost.shape
+    a = jnp.full((n,), 1.0 / n) if a is None else jnp.asarray(a)
+    b = jnp.full((m,), 1.0 / m) if b is None else jnp.asarray(b)
+    if a.shape != (n,) or b.shape != (m,):
+        raise ValueError(f"marginals of shapes {a.shape}, {b.shape} do not fit a cost {(n, m)}")
+    return TransportProblem(cost, a, b)
+
+
+# ----------------------------------------------------------------------------- solvers
+
+
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TransportResult:
     """A transport plan (n, m) and how the solver got there."""
@@ -70,14 +150,15 @@ class TransportResult:
     marginal_error: jnp.ndarray
 
 
-jax.tree_util.register_dataclass(
-    TransportResult,
-    data_fields=["plan", "converged", "iterations", "marginal_error"],
-    meta_fields=[],
-)
-
-
+@runtime_checkable
 class Solver(Protocol):
+    """What a transport solver is: ``solver(cost, a, b) -> TransportResult``.
+
+    ``cost`` is (n, m), ``a`` (n,) and ``b`` (m,) the masses; the result's plan is (n, m).
+    A solver must be hashable (it is a static argument of compiled functions) and
+    traceable (it runs inside ``jit`` and ``vmap``).
+    """
+
     def __call__(self, cost: jnp.ndarray, a: jnp.ndarray, b: jnp.ndarray) -> TransportResult: ...
 
 
@@ -133,6 +214,53 @@ class SinkhornSolver:
         return TransportResult(out.matrix, out.converged, out.n_iters, last)
 
 
+def make_solver(
+    solver: str | Solver,
+    *,
+    epsilon: float = 1e-3,
+    max_iterations: int = 5000,
+    threshold: float = 1e-4,
+) -> Solver:
+    """A solver from its name, or ``solver`` itself when it is already one.
+
+    Args:
+      solver: "exact" (:class:`ExactSolver`), "sinkhorn" (:class:`SinkhornSolver`) or
+        any callable ``solver(cost, a, b) -> TransportResult``.
+      epsilon, max_iterations, threshold: Sinkhorn settings (epsilon relative to the
+        mean cost).
+
+    Example:
+      >>> plan = transport_problem(cost).solve(make_solver("sinkhorn", epsilon=1e-2)).plan
+    """
+    if isinstance(solver, str):
+        if solver == "exact":
+            return ExactSolver()
+        if solver == "sinkhorn":
+            return SinkhornSolver(
+                epsilon=epsilon, threshold=threshold, max_iterations=max_iterations
+            )
+    elif callable(solver):
+        return solver
+    raise ValueError(f"unknown solver {solver!r}; choose 'exact', 'sinkhorn' or a solver object")
+
+
+# ----------------------------------------------------------------------------- maps
+
+
 def transport_map(plan: jnp.ndarray, a: jnp.ndarray) -> jnp.ndarray:
-    """The reference's map ``T' = P^T diag(1/a)``, (m, n): each source column sums to 1."""
+    """Intra-Fusion's map ``T' = P^T diag(1/a)``, (m, n): each source column sums to 1.
+
+    Every source channel's mass is split among the targets (the reference's merge).
+    """
     return plan.T / jnp.where(a > 0, a, 1.0)[None, :]
+
+
+def barycentric_map(plan: jnp.ndarray) -> jnp.ndarray:
+    """OTFusion's map, (m, n): ``P^T`` with each row divided by its mass, so it sums to 1.
+
+    Target channel k becomes a convex combination of the source channels (the
+    barycenter of what it receives); for an exact plan between equal uniform marginals
+    it is a permutation matrix. A target receiving no mass gets a zero row.
+    """
+    mass = jnp.sum(plan, axis=0)
+    return plan.T / jnp.where(mass > 0, mass, 1.0)[:, None]
