@@ -52,7 +52,7 @@ import jax
 import numpy as np
 
 import ifjax
-from ifjax._fusion import fuse
+from ifjax import fuse
 from ifjax.checkpoint import save_model
 from models.registry import create_model, init_variables, model_spec
 from train.data import Dataset, batches, load_dataset
@@ -422,8 +422,9 @@ def prune_to_widths(
     """Prunes every group to the given channel count (Intra-Fusion by default).
 
     Every BatchNorm is folded first (as :func:`ifjax.prune` does for all groups); then
-    each group, from group 0 on, is pruned with :func:`ifjax.prune` at the sparsity that
-    keeps exactly ``targets[group.index]`` channels (groups that narrow are left alone).
+    each group, from group 0 on, is pruned with :func:`ifjax.prune` to exactly
+    ``targets[group.index]`` channels (its ``widths``; groups already that narrow are
+    left alone).
 
     Args:
       model: the Linen model (with ``for_variables``).
@@ -442,12 +443,11 @@ def prune_to_widths(
         target = targets[group.index]
         if target >= group.size:
             continue
-        sparsity = 1.0 - (target + 0.5) / group.size  # int(n * (1 - s)) == target
         model, variables, _ = ifjax.prune(
             model,
             variables,
             group,
-            sparsity=sparsity,
+            widths={group.index: target},
             method=method,
             importance=importance,
             fold=False,
