@@ -11,6 +11,7 @@ from ifjax._fusion import FUSION_METHODS, align, average_variables, fuse
 from ifjax._graph import BatchNormRef, GraphError, Group, Reader, Writer, discover_groups
 from ifjax._importance import IMPORTANCES, accumulate_gradients, group_importance, lamp_transform
 from ifjax._merge import merge_group
+from ifjax._model import model_for, variables_of
 from ifjax._prune import PrunePlan, Pruner, default_pruning, intra_fusion, keep_count, prune
 from ifjax._transport import (
     ExactSolver,
@@ -63,9 +64,11 @@ __all__ = [
     "make_solver",
     "marginals",
     "merge_group",
+    "model_for",
     "normalize_rows",
     "prune",
     "register_width_rule",
     "transport_map",
     "transport_problem",
+    "variables_of",
 ]

@@ -7,7 +7,7 @@ vectors are averaged over layers and divided by their mean.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -16,7 +16,7 @@ import optax
 
 from ifjax._channels import group_size, reader_rows, writer_rows
 from ifjax._graph import Group
-from ifjax._model import is_nnx, model_view
+from ifjax._model import is_nnx, model_view, view_and_input
 from ifjax._tree import tree_get
 
 __all__ = ["IMPORTANCES", "accumulate_gradients", "group_importance", "lamp_transform"]
@@ -112,34 +112,43 @@ def group_importance(
 
 def accumulate_gradients(
     model: Any,
-    variables: Mapping[str, Any],
-    batches: Iterable[tuple[jnp.ndarray, jnp.ndarray]],
-    *,
+    *args: Any,
     loss_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sums the loss gradients over batches, as the reference does for Taylor importance.
 
-    The model runs in eval mode (BatchNorm uses its running statistics); gradients of
-    the mean cross-entropy of each batch are summed without reset.
+    Linen: ``accumulate_gradients(model, variables, batches)``; NNX:
+    ``accumulate_gradients(module, batches)`` (in evaluation mode). The model runs in
+    evaluation mode (BatchNorm uses its running statistics; pass ``apply_kwargs`` such
+    as ``{"train": False}`` where that is not the default); gradients of the mean
+    cross-entropy of each batch are summed without reset.
 
     Args:
-      model: Flax module.
-      variables: its variables (folded, as in the reference).
-      batches: iterable of ``(images, integer labels)``; the reference uses 5 batches.
+      model: Flax Linen module, or NNX module.
+      *args: the Linen module's variables (folded, as in the reference), then
+        ``batches``: an iterable of ``(images, integer labels)``; the reference uses 5.
       loss_fn: ``loss_fn(logits, labels) -> scalar``; default mean cross-entropy.
+      apply_kwargs: Linen: extra ``model.apply`` arguments.
+      call_kwargs: NNX: extra call arguments.
 
     Returns:
-      ``{"params": gradients}`` shaped like ``variables["params"]``.
+      ``{"params": gradients}`` shaped like the variables' ``params`` (for NNX, like
+      the ``params`` of the tree the other functions see).
     """
+    *model_args, batches = args
+    view, _ = view_and_input(model, (*model_args, None), apply_kwargs, call_kwargs)
     if loss_fn is None:
         loss_fn = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(
             logits, y
         ).mean()
+    variables = view.variables
     rest = {k: v for k, v in variables.items() if k != "params"}
 
     @jax.jit
     def grad(params, x, y):
-        return jax.grad(lambda p: loss_fn(model.apply({"params": p, **rest}, x), y))(params)
+        return jax.grad(lambda p: loss_fn(view.apply({"params": p, **rest}, x), y))(params)
 
     total = None
     for x, y in batches:

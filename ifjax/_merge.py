@@ -13,12 +13,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from ifjax._graph import Group
 from ifjax._tree import Path, tree_get, tree_replace
 
-__all__ = ["apply_maps", "masked_maps", "merge_group", "merge_group_masked", "transport_group"]
+__all__ = [
+    "apply_maps",
+    "masked_maps",
+    "merge_group",
+    "merge_group_masked",
+    "select_kernel_channels",
+    "transport_group",
+]
 
 # the value a masked (pruned but kept in place) per-channel variable gets
 _MASKED_FILL = {"var": 1.0}
@@ -161,3 +169,19 @@ def transport_group(
         return mixed
 
     return apply_maps(variables, group, transport, transport, mix)
+
+
+def select_kernel_channels(
+    tree: Mapping[str, Any], group: Group, keep: jnp.ndarray
+) -> dict[str, Any]:
+    """The group's kernels of ``tree`` (e.g. a gradients tree, which has no BatchNorm
+    statistics) sliced to the kept channels ``keep`` (m,)."""
+    updates = {}
+    for w in group.writers:
+        updates[w.kernel] = jnp.take(tree_get(tree, w.kernel), keep, axis=w.axis)
+    for r in group.readers:
+        kernel = tree_get(tree, r.kernel)
+        n = kernel.shape[r.axis] // (r.outer * r.inner)
+        selection = jax.nn.one_hot(keep, n, dtype=kernel.dtype)
+        updates[r.kernel] = _apply_axis(selection, kernel, r.axis, r.outer, r.inner)
+    return tree_replace(tree, updates)

@@ -24,7 +24,7 @@ from flax import nnx
 from ifjax._tree import Path, tree_get
 from ifjax._widths import pruned_linen_module, set_nnx_widths
 
-__all__ = ["ModelView", "is_nnx", "model_view", "view_and_input"]
+__all__ = ["ModelView", "is_nnx", "model_for", "model_view", "variables_of", "view_and_input"]
 
 _COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
 
@@ -211,3 +211,36 @@ def _nnx_view(module: nnx.Module, kwargs: dict) -> ModelView:
         return pruned
 
     return ModelView(module, variables, apply, capture, rebuild, "nnx", _items(kwargs))
+
+
+def model_for(model: Any, variables: Mapping[str, Any]) -> Any:
+    """The model that runs with ``variables``, e.g. pruned ones restored from a checkpoint.
+
+    Args:
+      model: the (dense) Linen module the variables came from, or an NNX module of the
+        same architecture (used as a template; not modified).
+      variables: a variables tree in ifjax's layout (``params`` / ``batch_stats``; for
+        NNX the paths of :func:`ifjax.discover_groups`), dense or pruned.
+
+    Returns:
+      Linen: ``model.for_variables(variables)`` where the model has it, else the module
+      running with the variables' widths (as :func:`ifjax.prune` returns it). NNX: a new
+      module holding ``variables``, its width attributes set from them.
+
+    Example:
+      >>> variables, info = ifjax.checkpoint.restore_model("runs/pruned")
+      >>> small = ifjax.model_for(MyModel(), variables)
+      >>> logits = small.apply(variables, x, train=False)
+    """
+    if is_nnx(model):
+        return model_view(model).rebuild(variables)
+    return model_view(model, variables).rebuild(variables)
+
+
+def variables_of(module: nnx.Module) -> dict[str, Any]:
+    """The variables tree ifjax sees for an NNX module (``params`` from ``nnx.Param``,
+    ``batch_stats`` from ``nnx.BatchStat``, string keys), e.g. to save a pruned module with
+    :func:`ifjax.checkpoint.save_model` and rebuild it with :func:`model_for`."""
+    if not is_nnx(module):
+        raise ValueError(f"variables_of expects an NNX module, got {type(module).__name__}")
+    return model_view(module).variables

@@ -26,7 +26,7 @@ from ifjax._channels import channel_features, group_size
 from ifjax._graph import GraphError, Group, view_groups
 from ifjax._importance import IMPORTANCES, group_importance
 from ifjax._local import localize
-from ifjax._merge import masked_maps, merge_group, merge_group_masked
+from ifjax._merge import masked_maps, merge_group, merge_group_masked, select_kernel_channels
 from ifjax._model import ModelView, is_nnx, model_view, view_and_input
 from ifjax._transport import (
     Solver,
@@ -480,7 +480,9 @@ def prune(
       fold: fold BatchNorm before pruning.
       masked: keep shapes (pruned channels zeroed, merged weights in place); a Linen
         model is then returned as is.
-      gradients: accumulated gradients for ``importance="taylor"``.
+      gradients: accumulated gradients for ``importance="taylor"`` (of the folded dense
+        model; when several groups are pruned physically, each later group scores its
+        kept slices with their dense gradients).
       key: PRNG key for ``importance="random"`` (split per group).
       **options: passed to :func:`intra_fusion` (marginals, target, solver, ...).
 
@@ -515,6 +517,9 @@ def prune(
         group_key = None if key is None else jax.random.fold_in(key, i)
         plan = pruner.plan(variables, group, width=width, gradients=gradients, key=group_key)
         variables = pruner.apply(variables, group, plan, masked=masked)
+        if gradients is not None and not masked:
+            # Taylor scores of later groups: each kept channel keeps its slice's gradient
+            gradients = select_kernel_channels(gradients, group, plan.keep)
         plans.append(plan)
     if nnx_model:
         return view.rebuild(variables), plans

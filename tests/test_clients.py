@@ -260,3 +260,67 @@ def test_linen_layer_with_unknown_width_attribute():
     small, pruned, _ = ifjax.prune(Net(), variables, "all", sparsity=0.5, example_input=x)
     assert small.apply(pruned, x).shape == (2, 2)
     assert pruned["params"]["Projection_0"]["w"].shape == (5, 3)
+
+
+def test_taylor_importance_on_user_models():
+    module, x = clients.nnx_cnn()
+    folded = ifjax.fold_batchnorm(module, ifjax.discover_groups(module, x))
+    gradients = ifjax.accumulate_gradients(folded, [(x, LABELS)])
+    assert gradients["params"]["conv2"]["kernel"].shape == module.conv2.kernel.shape
+    small, _ = ifjax.prune(
+        module, "all", sparsity=0.5, importance="taylor", gradients=gradients, example_input=x
+    )
+    assert small.conv2.out_features == 8
+
+    model, variables, x = clients.linen_resnet()
+    kwargs = {"train": False}
+    groups = ifjax.discover_groups(model, variables, x, apply_kwargs=kwargs)
+    folded = ifjax.fold_batchnorm(variables, groups)
+    gradients = ifjax.accumulate_gradients(model, folded, [(x, LABELS)], apply_kwargs=kwargs)
+    scores = ifjax.group_importance(folded, groups[1], "taylor", gradients=gradients)
+    assert scores.shape == (groups[1].size,) and bool(jnp.all(jnp.isfinite(scores)))
+
+
+def test_pruned_user_models_restore_from_checkpoints(tmp_path):
+    from ifjax.checkpoint import restore_model, save_model
+
+    model, variables, x = clients.linen_resnet()
+    kwargs = {"train": False}
+    small, pruned, _ = ifjax.prune(
+        model, variables, "all", sparsity=0.5, example_input=x, apply_kwargs=kwargs
+    )
+    save_model(tmp_path / "linen", pruned, model_spec={"name": "ResNet"})
+    restored, _ = restore_model(tmp_path / "linen")
+    again = ifjax.model_for(model, restored)
+    np.testing.assert_array_equal(
+        again.apply(restored, x, **kwargs), small.apply(pruned, x, **kwargs)
+    )
+
+    module, x = clients.nnx_cnn()
+    small_module, _ = ifjax.prune(module, "all", sparsity=0.5, example_input=x)
+    tree = ifjax.variables_of(small_module)
+    save_model(tmp_path / "nnx", tree, model_spec={"name": "CNN"})
+    restored, _ = restore_model(tmp_path / "nnx")
+    rebuilt = ifjax.model_for(module, restored)
+    assert rebuilt.conv2.out_features == 8 and module.conv2.out_features == 16
+    np.testing.assert_array_equal(rebuilt(x), small_module(x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_taylor_on_all_groups_physical_equals_masked(method):
+    """Later groups score kept slices with their dense gradients; the masked form, whose
+    pruned slots are zero, gets the same scores without slicing."""
+    model, variables, x = clients.linen_resnet()
+    kwargs = {"train": False}
+    groups = ifjax.discover_groups(model, variables, x, apply_kwargs=kwargs)
+    folded = ifjax.fold_batchnorm(variables, groups)
+    gradients = ifjax.accumulate_gradients(model, folded, [(x, LABELS)], apply_kwargs=kwargs)
+    options = dict(
+        sparsity=0.5, method=method, importance="taylor", gradients=gradients,
+        example_input=x, apply_kwargs=kwargs,
+    )  # fmt: skip
+    small, pruned, plans = ifjax.prune(model, variables, "all", **options)
+    _, masked, masked_plans = ifjax.prune(model, variables, "all", masked=True, **options)
+    for plan, masked_plan in zip(plans, masked_plans, strict=True):
+        np.testing.assert_array_equal(plan.keep, masked_plan.keep)
+    _close_to_scale(small.apply(pruned, x, **kwargs), model.apply(masked, x, **kwargs))
