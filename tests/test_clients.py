@@ -324,3 +324,31 @@ def test_taylor_on_all_groups_physical_equals_masked(method):
     for plan, masked_plan in zip(plans, masked_plans, strict=True):
         np.testing.assert_array_equal(plan.keep, masked_plan.keep)
     _close_to_scale(small.apply(pruned, x, **kwargs), model.apply(masked, x, **kwargs))
+
+
+def test_fuse_and_prune_and_prune_and_fuse_on_a_user_model():
+    """The split-data pieces on a user's Linen model: FaP (fuse the replicas, then prune)
+    and PaF (prune each replica to the same widths, then fuse the pruned ones)."""
+    from train.pipelines import prune_to_widths
+
+    model, a, x = clients.linen_resnet()
+    b = clients._randomized(model.init(jax.random.key(5), x, train=False), seed=5)
+    kwargs = {"train": False}
+    groups = ifjax.discover_groups(model, a, x, apply_kwargs=kwargs)
+    targets = {g.index: g.size // 2 for g in groups}
+    options = dict(example_input=x, apply_kwargs=kwargs)
+
+    fused = ifjax.fuse(model, [a, b], inputs=x, num_samples=8, apply_kwargs=kwargs)
+    fap_model, fap = prune_to_widths(model, fused, targets, **options)
+
+    pruned = [prune_to_widths(model, v, targets, **options) for v in (a, b)]
+    paf_model = pruned[0][0]
+    paf = ifjax.fuse(
+        paf_model, [v for _, v in pruned], inputs=x, num_samples=8, apply_kwargs=kwargs
+    )
+
+    for small, variables in ((fap_model, fap), (paf_model, paf)):
+        found = ifjax.discover_groups(small, variables, x, apply_kwargs=kwargs)
+        assert {g.index: g.size for g in found} == targets
+        assert small.apply(variables, x, **kwargs).shape == (8, 10)
+    assert jax.tree.map(np.shape, fap) == jax.tree.map(np.shape, paf)

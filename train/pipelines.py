@@ -418,40 +418,39 @@ def prune_to_widths(
     example_input: Any,
     importance: str = "l1",
     method: str = "intra_fusion",
+    apply_kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prunes every group to the given channel count (Intra-Fusion by default).
 
-    Every BatchNorm is folded first (as :func:`ifjax.prune` does for all groups); then
-    each group, from group 0 on, is pruned with :func:`ifjax.prune` to exactly
-    ``targets[group.index]`` channels (its ``widths``; groups already that narrow are
-    left alone).
+    Every BatchNorm is folded first, then each group that narrows, from group 0 on, is
+    pruned to exactly ``targets[group.index]`` channels: one :func:`ifjax.prune` with
+    ``widths`` (groups already that narrow are left alone).
 
     Args:
-      model: the Linen model (with ``for_variables``).
+      model: any Linen model (the models of ``models/`` or a user's).
       variables: its variables.
       targets: ``{group index: channels to keep}``.
       example_input: an input batch, to discover the groups.
       importance: importance metric (see :func:`ifjax.group_importance`).
       method: ``"intra_fusion"`` or ``"default"``.
+      apply_kwargs: extra ``model.apply`` arguments of every trace (e.g.
+        ``{"train": False}`` for a model whose default is training mode).
 
     Returns:
       ``(pruned_model, pruned_variables)``.
     """
-    groups = ifjax.discover_groups(model, variables, example_input)
-    variables = ifjax.fold_batchnorm(variables, groups)  # all of them first, as ifjax.prune
-    for group in groups:
-        target = targets[group.index]
-        if target >= group.size:
-            continue
-        model, variables, _ = ifjax.prune(
-            model,
-            variables,
-            group,
-            widths={group.index: target},
-            method=method,
-            importance=importance,
-            fold=False,
-        )
+    groups = ifjax.discover_groups(model, variables, example_input, apply_kwargs=apply_kwargs)
+    narrower = [g for g in groups if targets[g.index] < g.size]
+    model, variables, _ = ifjax.prune(
+        model,
+        variables,
+        narrower,
+        widths={g.index: targets[g.index] for g in narrower},
+        method=method,
+        importance=importance,
+        example_input=example_input,  # every BatchNorm is folded, as for all groups
+        apply_kwargs=apply_kwargs,
+    )
     return model, variables
 
 
