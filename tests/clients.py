@@ -15,6 +15,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tests.conftest import randomized
+
 ModuleDef = Any
 
 # ----------------------------------------------------------------------------- Linen ResNet
@@ -79,7 +81,7 @@ def linen_resnet():
     model = ResNet(stage_sizes=(2, 1), num_classes=10)
     x = _images((8, 16, 16, 3), seed=0)
     variables = model.init(jax.random.key(0), x, train=False)
-    return model, _randomized(variables), x
+    return model, randomized(variables), x
 
 
 def linen_resnet_train_step(model, variables, x, labels):
@@ -150,7 +152,7 @@ class SequentialNet(nn.Module):
 def linen_sequential():
     model = SequentialNet()
     x = _images((8, 16, 16, 3), seed=1)
-    return model, _randomized(model.init(jax.random.key(1), x)), x
+    return model, randomized(model.init(jax.random.key(1), x)), x
 
 
 def linen_sequential_train_step(model, variables, x, labels):
@@ -280,24 +282,6 @@ def _images(shape, seed):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
-def _randomized(variables, seed=0):
-    """Random BatchNorm statistics and affine parameters (init leaves them trivial)."""
-    rng = np.random.default_rng(seed)
-
-    def randomize(path, leaf):
-        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        name = keys[-2] if keys[-1] == "value" else keys[-1]  # NNX: .../bias/value
-        if name == "var":
-            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), jnp.float32)
-        if name in ("mean", "bias"):
-            return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
-        if name == "scale":
-            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), jnp.float32)
-        return leaf
-
-    return jax.tree_util.tree_map_with_path(randomize, variables)
-
-
 def _randomize_nnx(module, seed=0):
     state = nnx.state(module, (nnx.Param, nnx.BatchStat))
-    nnx.update(module, _randomized(state, seed))
+    nnx.update(module, randomized(state, seed))

@@ -14,11 +14,17 @@ os.environ["IFJAX_OFFLINE"] = "1"
 
 def random_variables(model, x, seed=0):
     """Variables with random weights AND random BatchNorm statistics."""
-    variables = model.init(jax.random.key(seed), x)
+    return randomized(model.init(jax.random.key(seed), x), seed)
+
+
+def randomized(variables, seed=0):
+    """Random BatchNorm statistics and affine parameters (init leaves them trivial), for
+    Linen variables and NNX states alike."""
     rng = np.random.default_rng(seed)
 
     def randomize(path, leaf):
-        name = str(path[-1].key)
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        name = keys[-2] if keys[-1] == "value" else keys[-1]  # NNX: .../bias/value
         if name == "var":
             return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), jnp.float32)
         if name in ("mean", "bias"):

@@ -185,7 +185,7 @@ def test_nnx_fusion_of_replicas():
 
 def test_linen_fusion_of_a_user_model():
     model, a, x = clients.linen_resnet()
-    b = clients._randomized(model.init(jax.random.key(9), x, train=False), seed=9)
+    b = clients.randomized(model.init(jax.random.key(9), x, train=False), seed=9)
     kwargs = {"train": False}
     aligned, _ = ifjax.align(model, a, b, inputs=x, num_samples=8, apply_kwargs=kwargs)
     _close_to_scale(model.apply(aligned, x, **kwargs), model.apply(b, x, **kwargs), rtol=1e-5)
@@ -332,7 +332,7 @@ def test_fuse_and_prune_and_prune_and_fuse_on_a_user_model():
     from train.pipelines import prune_to_widths
 
     model, a, x = clients.linen_resnet()
-    b = clients._randomized(model.init(jax.random.key(5), x, train=False), seed=5)
+    b = clients.randomized(model.init(jax.random.key(5), x, train=False), seed=5)
     kwargs = {"train": False}
     groups = ifjax.discover_groups(model, a, x, apply_kwargs=kwargs)
     targets = {g.index: g.size // 2 for g in groups}
