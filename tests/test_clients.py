@@ -352,3 +352,26 @@ def test_fuse_and_prune_and_prune_and_fuse_on_a_user_model():
         assert {g.index: g.size for g in found} == targets
         assert small.apply(variables, x, **kwargs).shape == (8, 10)
     assert jax.tree.map(np.shape, fap) == jax.tree.map(np.shape, paf)
+
+
+def test_nnx_call_kwargs_reach_every_call():
+    """An NNX module whose call takes extra arguments (here rngs for its dropout)."""
+
+    class Net(nnx.Module):
+        def __init__(self, *, rngs: nnx.Rngs):
+            self.linear1 = nnx.Linear(6, 12, rngs=rngs)
+            self.dropout = nnx.Dropout(0.5)
+            self.linear2 = nnx.Linear(12, 3, rngs=rngs)
+
+        def __call__(self, x, *, rngs: nnx.Rngs):
+            return self.linear2(self.dropout(nnx.relu(self.linear1(x)), rngs=rngs))
+
+    module = Net(rngs=nnx.Rngs(0))
+    module.eval()
+    x = jnp.ones((4, 6))
+    with pytest.raises(ifjax.GraphError, match="cannot trace Net"):
+        ifjax.discover_groups(module, x)  # rngs missing
+    kwargs = {"rngs": nnx.Rngs(1)}
+    (group,) = ifjax.discover_groups(module, x, call_kwargs=kwargs)
+    small, _ = ifjax.prune(module, "all", sparsity=0.5, example_input=x, call_kwargs=kwargs)
+    assert small.linear1.out_features == 6 and small(x, rngs=nnx.Rngs(2)).shape == (4, 3)
