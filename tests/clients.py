@@ -174,6 +174,22 @@ def linen_sequential_train_step(model, variables, x, labels):
     return {"params": new_params}, loss
 
 
+# ----------------------------------------------------------------------------- Linen CNN
+# A plain CNN with the `train` convention and no named axis: what ifjax's own training
+# loops (train/training.py, train/split.py) call.
+
+
+class SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Conv(16, (3, 3), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.Conv(32, (3, 3), strides=2, use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.Dropout(0.2, deterministic=not train)(x.mean(axis=(1, 2)))
+        return nn.Dense(10)(x)
+
+
 # ----------------------------------------------------------------------------- NNX CNN
 # In the style of flax's NNX MNIST tutorial, with BatchNorm and Dropout added.
 

@@ -375,3 +375,39 @@ def test_nnx_call_kwargs_reach_every_call():
     (group,) = ifjax.discover_groups(module, x, call_kwargs=kwargs)
     small, _ = ifjax.prune(module, "all", sparsity=0.5, example_input=x, call_kwargs=kwargs)
     assert small.linear1.out_features == 6 and small(x, rngs=nnx.Rngs(2)).shape == (4, 3)
+
+
+def test_split_data_training_then_paf_and_fap_on_a_user_model():
+    """PaF and FaP end to end on a user's Linen model: k=2 replicas trained on split data
+    by train_replicas, then pruned-and-fused and fused-and-pruned."""
+    from train.data import ArrayDataset
+    from train.pipelines import prune_to_widths
+    from train.split import IndexedDataset, split_indices, train_replicas
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8)
+    data = ArrayDataset(images, (np.arange(64) % 10).astype(np.int32), 10)
+    model, x, kwargs = clients.SmallCNN(), jnp.zeros((1, 32, 32, 3)), {"train": False}
+    initial = [model.init(jax.random.key(i), x, train=False) for i in range(2)]
+    splits = [IndexedDataset(data, part) for part in split_indices(64, 2, seed=0)]
+    replicas, _ = train_replicas(
+        model, initial, splits, epochs=1, batch_size=8, steps_per_epoch=2, log=None
+    )
+    assert not _same(replicas[0]["params"], initial[0]["params"])
+    samples = jnp.asarray(images[:16], jnp.float32) / 255.0
+    groups = ifjax.discover_groups(model, replicas[0], x, apply_kwargs=kwargs)
+    targets = {g.index: g.size // 2 for g in groups}
+    fuse = lambda m, vs: ifjax.fuse(m, vs, inputs=samples, num_samples=16, apply_kwargs=kwargs)
+
+    fap_model, fap = prune_to_widths(
+        model, fuse(model, replicas), targets, example_input=x, apply_kwargs=kwargs
+    )
+    pruned = [
+        prune_to_widths(model, v, targets, example_input=x, apply_kwargs=kwargs) for v in replicas
+    ]
+    paf_model, paf = pruned[0][0], fuse(pruned[0][0], [v for _, v in pruned])
+    for small, variables in ((fap_model, fap), (paf_model, paf)):
+        found = ifjax.discover_groups(small, variables, x, apply_kwargs=kwargs)
+        assert {g.index: g.size for g in found} == targets
+        logits = small.apply(variables, samples, train=False)
+        assert logits.shape == (16, 10) and bool(jnp.all(jnp.isfinite(logits)))
