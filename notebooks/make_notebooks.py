@@ -222,7 +222,7 @@ NNX_MODEL = [
     ),
     (
         "code",
-        "from functools import partial\n\nimport jax\nimport jax.numpy as jnp\nimport numpy as np\n"
+        "from functools import partial\n\nimport jax\nimport jax.numpy as jnp\n"
         "import optax\nfrom flax import nnx\n\nimport ifjax\nfrom train import data\n\n"
         "train_set = data.random_subset(data.load_dataset('cifar10_jpeg', 'train'), 10_000)\n"
         "test_set = data.random_subset(data.load_dataset('cifar10_jpeg', 'test'), 2_000)\n"
@@ -282,7 +282,8 @@ NNX_MODEL = [
         "    print(group.describe())\n\n"
         "pruned = {}\n"
         "for method in ('default', 'intra_fusion'):\n"
-        "    small, plans = ifjax.prune(model, 'all', sparsity=0.5, method=method, example_input=x)\n"
+        "    small, plans = ifjax.prune(\n"
+        "        model, 'all', sparsity=0.5, method=method, example_input=x)\n"
         "    pruned[method] = small\n"
         "    top1 = float(accuracy(small, test_images, test_labels))\n"
         "    print(f'{method:>12}: {top1:.2%} top-1 before fine-tuning')\n\n"
