@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifjax._graph import Group, Writer
-from ifjax._model import is_nnx, model_view
+from ifjax._model import as_variables
 from ifjax._tree import Path, tree_get, tree_replace
 
 __all__ = ["fold_batchnorm"]
@@ -70,9 +70,7 @@ def fold_batchnorm(variables: Mapping[str, Any] | Any, groups: Sequence[Group]) 
       >>> groups = discover_groups(model, variables, x)
       >>> folded = fold_batchnorm(variables, groups)
     """
-    if is_nnx(variables):
-        view = model_view(variables)
-        return view.rebuild(fold_batchnorm(view.variables, groups))
+    variables, give_back = as_variables(variables)
     writers = [w for group in groups for w in group.writers if w.batchnorm is not None]
     get = lambda path: tree_get(variables, path)
     leaves = jax.tree.leaves(variables)
@@ -89,7 +87,7 @@ def fold_batchnorm(variables: Mapping[str, Any] | Any, groups: Sequence[Group]) 
         updates.update(_fold_writer(get, writer, xp))
     if xp is np:
         updates = {path: _placed_like(v, tree_get(variables, path)) for path, v in updates.items()}
-    return tree_replace(variables, updates)
+    return give_back(tree_replace(variables, updates))
 
 
 def _placed_like(value: np.ndarray, original: Any) -> jax.Array:

@@ -16,7 +16,7 @@ import optax
 
 from ifjax._channels import group_size, reader_rows, writer_rows
 from ifjax._graph import Group
-from ifjax._model import is_nnx, model_view, view_and_input
+from ifjax._model import as_variables, view_and_input
 from ifjax._tree import tree_get
 
 __all__ = ["IMPORTANCES", "accumulate_gradients", "group_importance", "lamp_transform"]
@@ -74,8 +74,7 @@ def group_importance(
       gradients: a tree like ``variables`` holding accumulated gradients (taylor only).
       key: PRNG key (random only).
     """
-    if is_nnx(variables):
-        variables = model_view(variables).variables
+    variables, _ = as_variables(variables)
     n = group_size(variables, group)
     if importance in ("l1", "l2"):
         p = 1 if importance == "l1" else 2

@@ -24,7 +24,15 @@ from flax import nnx
 from ifjax._tree import Path, tree_get
 from ifjax._widths import pruned_linen_module, set_nnx_widths
 
-__all__ = ["ModelView", "is_nnx", "model_for", "model_view", "variables_of", "view_and_input"]
+__all__ = [
+    "ModelView",
+    "as_variables",
+    "is_nnx",
+    "model_for",
+    "model_view",
+    "variables_of",
+    "view_and_input",
+]
 
 _COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
 
@@ -211,6 +219,16 @@ def _nnx_view(module: nnx.Module, kwargs: dict) -> ModelView:
         return pruned
 
     return ModelView(module, variables, apply, capture, rebuild, "nnx", _items(kwargs))
+
+
+def as_variables(model_or_variables: Any) -> tuple[dict[str, Any], Callable[[Any], Any]]:
+    """``(variables, give_back)`` for what the public functions accept in a variables
+    tree's place: an NNX module gives its tree and ``give_back`` builds a new module from
+    a result tree; a variables tree is returned as is, ``give_back`` the identity."""
+    if is_nnx(model_or_variables):
+        view = model_view(model_or_variables)
+        return view.variables, view.rebuild
+    return model_or_variables, lambda variables: variables
 
 
 def model_for(model: Any, variables: Mapping[str, Any]) -> Any:

@@ -27,7 +27,7 @@ from ifjax._graph import GraphError, Group, view_groups
 from ifjax._importance import IMPORTANCES, group_importance
 from ifjax._local import localize
 from ifjax._merge import masked_maps, merge_group, merge_group_masked, select_kernel_channels
-from ifjax._model import ModelView, is_nnx, model_view, view_and_input
+from ifjax._model import ModelView, as_variables, is_nnx, view_and_input
 from ifjax._transport import (
     Solver,
     TransportProblem,
@@ -217,9 +217,9 @@ class Pruner(NamedTuple):
     -> PrunePlan`` (``width``: channels to keep, instead of the pruner's sparsity;
     ``scores``, (n,), replaces the importance metric when given) and
     ``apply(variables, group, plan, *, masked=False) -> variables``. ``variables`` may
-    be an NNX module instead (``apply`` then returns a new module). Both are pure: the
-    user may ``jax.jit`` or ``jax.vmap`` them (over variables, with ``group`` static). Both are
-    jit-compiled and do not recompile for a repeated call with the same shapes. The
+    be an NNX module instead (``apply`` then returns a new module). Both are pure (the
+    user may ``jax.jit`` or ``jax.vmap`` them over variables, ``group`` static), are
+    jit-compiled inside and do not recompile for a repeated call with the same shapes. The
     compiled functions take only the arrays of the group, so groups of the same
     structure and shapes share them; a group's importance and features, and the masked
     ``apply``, compile once for every sparsity.
@@ -231,11 +231,6 @@ class Pruner(NamedTuple):
     plan: Any
     apply: Any
     plan_groups: Any
-
-
-def _variables_of(variables: Any) -> Any:
-    """The variables tree of a Linen variables tree or of an NNX module."""
-    return model_view(variables).variables if is_nnx(variables) else variables
 
 
 def _kept(n: int, sparsity: float | None, width: int | None, group: Group) -> int:
@@ -282,11 +277,11 @@ def _pruner(config: _Config) -> Pruner:
         return _problem(scores, features, a, m, marginal, config.target)
 
     def plan(variables, group, *, width=None, gradients=None, key=None, scores=None):
-        variables = _variables_of(variables)
+        variables, _ = as_variables(variables)
         return _solve_one(config.solving, problem(variables, group, gradients, key, scores, width))
 
     def plan_groups(variables, groups, *, widths=None, gradients=None, key=None):
-        variables = _variables_of(variables)
+        variables, _ = as_variables(variables)
         problems = []
         for i, group in enumerate(groups):
             group_key = None if key is None else jax.random.fold_in(key, i)
@@ -303,9 +298,7 @@ def _pruner(config: _Config) -> Pruner:
         return plans
 
     def apply(variables, group, plan, *, masked=False):
-        if is_nnx(variables):
-            view = model_view(variables)
-            return view.rebuild(apply(view.variables, group, plan, masked=masked))
+        variables, give_back = as_variables(variables)
         check_group(variables, group)
         local = localize(group)
         arrays = local.gather(variables)
@@ -314,7 +307,7 @@ def _pruner(config: _Config) -> Pruner:
             merged = _apply_masked(arrays, local.group, *maps)
         else:
             merged = _apply(arrays, local.group, plan.writer_map, plan.reader_map, plan.keep)
-        return local.scatter(variables, merged)
+        return give_back(local.scatter(variables, merged))
 
     return Pruner(plan, apply, plan_groups)
 

@@ -200,9 +200,8 @@ def _nnx_conv(module: nnx.Conv) -> dict[str, Any]:
 
 
 def _nnx_norm(module: Any) -> dict[str, Any]:
-    shape = next(
-        (s for s in map(lambda n: _nnx_shape(module, n), ("scale", "bias", "mean")) if s), None
-    )
+    shapes = (_nnx_shape(module, name) for name in ("scale", "bias", "mean"))
+    shape = next((s for s in shapes if s), None)
     return {} if shape is None else {"num_features": shape[-1]}
 
 
