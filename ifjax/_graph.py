@@ -27,6 +27,7 @@ from ifjax._model import ModelView, view_and_input
 Path = tuple[str, ...]
 
 __all__ = [
+    "GROUP_KINDS",
     "BatchNormRef",
     "GraphError",
     "Group",
@@ -65,14 +66,22 @@ class Writer:
     Attributes:
       kernel: path of the kernel in the variables tree.
       axis: the kernel's output-channel axis.
-      bias: path of the layer's bias (1-D, per channel), if any.
+      bias: path of the layer's bias (per channel along its axis 0), if any.
       batchnorm: the BatchNorm that follows the layer directly, if any.
+      outer, inner: layout of the output axis (and of the bias's axis 0), as for
+        :class:`Reader`: a Dense layer whose outputs are reshaped into heads writes head
+        c as the ``inner = head_dim`` entries ``c * head_dim ...``.
+      role: for attention heads, ``"query_key"`` (its per-head dimensions are
+        contracted with another activation's: queries and keys) or ``"value"``.
     """
 
     kernel: Path
     axis: int
     bias: Path | None = None
     batchnorm: BatchNormRef | None = None
+    outer: int = 1
+    inner: int = 1
+    role: str = ""
 
     @property
     def module(self) -> Path:
@@ -101,17 +110,28 @@ class Reader:
         return self.outer * self.inner > 1
 
 
+GROUP_KINDS = ("channels", "neurons", "heads", "residual")
+
+
 @dataclasses.dataclass(frozen=True)
 class Group:
     """Channels that must be pruned together.
 
     Attributes:
       index: 0 for the group nearest the output, counting backwards through the network.
-      size: number of channels n.
+      size: number of channels n (for attention heads: the number of heads).
       writers: layers writing the channels, in execution order.
       readers: layers reading them, in execution order.
-      channel_params: every 1-D per-channel variable of the group (biases, BatchNorm
-        scale/bias/mean/var), as (path, axis) pairs.
+      channel_params: every per-channel variable of the group (biases, BatchNorm
+        scale/bias/mean/var, LayerNorm scale/bias, a position embedding or class token),
+        as (path, axis) pairs: the variable's channels lie along ``axis``.
+      kind: what the channels are. ``"channels"``: convolution output channels;
+        ``"neurons"``: hidden units written and read by Dense layers (a transformer's
+        MLP); ``"heads"``: attention heads (each head's query, key and value kernels
+        and its slice of the output projection, pruned as a whole); ``"residual"``:
+        channels a LayerNorm normalizes over (a transformer's residual stream: pruning
+        them changes the normalization statistics, so ``prune(..., "all")`` leaves them
+        out and prunes them only when asked for).
     """
 
     index: int
@@ -119,24 +139,68 @@ class Group:
     writers: tuple[Writer, ...]
     readers: tuple[Reader, ...]
     channel_params: tuple[tuple[Path, int], ...]
+    kind: str = "channels"
+
+    @property
+    def layer(self) -> str:
+        """The innermost module holding all of the group's layers (``block3/attention``
+        for the heads of block 3), else the writing layer if there is one (``conv3``),
+        else "" (the model: a residual stream)."""
+        modules = [w.module for w in self.writers] + [r.module for r in self.readers]
+        common = modules[0]
+        for module in modules[1:]:
+            n = 0
+            while n < min(len(common), len(module)) and common[n] == module[n]:
+                n += 1
+            common = common[:n]
+        if not common and len(self.writers) == 1:
+            common = self.writers[0].module
+        return path_str(common)
 
     def describe(self) -> str:
-        """One line: index, size, writing and reading modules."""
+        """One line: index, size, kind, layer, writing and reading modules."""
         w = ", ".join(path_str(x.module) for x in self.writers)
         r = ", ".join(path_str(x.module) for x in self.readers)
-        return f"group {self.index} (n={self.size}): writes [{w}] reads [{r}]"
+        where = f" of {self.layer}" if self.layer else ""
+        return f"group {self.index} ({self.kind}{where}, n={self.size}): writes [{w}] reads [{r}]"
 
 
 # ----------------------------------------------------------------------------- tracing
 
 
 @dataclasses.dataclass(frozen=True)
-class _Act:
-    space: int
+class _Dim:
+    """A tracked axis of an activation: its ``outer * n * inner`` entries are laid out as
+    (o, c, i), entry (o, c, i) belonging to channel c of ``space`` (n channels)."""
+
     axis: int
+    space: int
     outer: int = 1
     inner: int = 1
-    source: int | None = None  # leaf index of the kernel that wrote it (affine ops since)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Act:
+    """A value that depends on the input. ``dims``: its tracked axes (usually one, the
+    channel axis; two inside attention: heads and the per-head dimensions; none for
+    values whose channels were contracted away, e.g. single-head attention weights).
+    ``source``: leaf index of the kernel that wrote it (only affine ops since)."""
+
+    dims: tuple[_Dim, ...]
+    source: int | None = None
+
+    def at(self, axis: int) -> _Dim | None:
+        return next((d for d in self.dims if d.axis == axis), None)
+
+    def only(self, what: str) -> _Dim:
+        """The single channel axis (layers that read channels need exactly one)."""
+        if len(self.dims) != 1:
+            raise GraphError(f"{what}: reads an activation with {len(self.dims)} channel axes")
+        return self.dims[0]
+
+    def mapped(self, axis_map: Callable[[int], int], source: int | None = None) -> _Act:
+        dims = tuple(dataclasses.replace(d, axis=axis_map(d.axis)) for d in self.dims)
+        return _Act(dims, source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +270,18 @@ _CALLS = {"pjit", "jit", "custom_jvp_call", "custom_vjp_call", "closed_call", "r
           "checkpoint", "custom_vjp_call_jaxpr", "core_call"}  # fmt: skip
 
 
+@dataclasses.dataclass
+class _Factor:
+    """``space`` is the product of ``first`` (outer) and ``second`` (inner): a channel
+    axis split into (heads, per-head dimensions) by a reshape, or such two axes merged
+    back. ``error``: raised when neither factor turns out to be attention heads."""
+
+    space: int
+    first: int
+    second: int
+    error: str | None
+
+
 class _Tracer:
     """Abstract interpretation of a jaxpr over channel spaces."""
 
@@ -216,7 +292,12 @@ class _Tracer:
         self.writers: list[tuple[int, int, int, int]] = []  # (space, leaf, axis, order)
         self.readers: list[tuple[int, int, int, int, int, int]] = []
         self.attached: list[tuple[int, int, int, int | None]] = []  # space, leaf, axis, src
-        self.frozen: set[int] = set()
+        self.factors: list[_Factor] = []
+        self.heads: list[int] = []  # spaces batched in a product of two activations
+        self.contracted: list[int] = []  # spaces contracted in such products (q/k dims)
+        self.carried: list[int] = []  # spaces carried through them (value dims)
+        self.normalized: list[int] = []  # spaces reduced over (LayerNorm statistics)
+        self.conv_leaves: set[int] = set()
         self.order = 0
 
     # union-find over channel spaces
@@ -230,6 +311,9 @@ class _Tracer:
             self.parent[s] = self.parent[self.parent[s]]
             s = self.parent[s]
         return s
+
+    def size(self, s: int) -> int:
+        return self.space_size[self.find(s)]
 
     def union(self, a: int, b: int, where: str) -> int:
         a, b = self.find(a), self.find(b)
@@ -287,8 +371,10 @@ class _Tracer:
             return [self.dot(eqn, ins)]
         if name in _ELEMENTWISE_BINARY or name in _ELEMENTWISE_UNARY:
             return [self.elementwise(eqn, ins)] * len(eqn.outvars)
+        if name == "concatenate":
+            return [self.concatenate(eqn, ins)]
         handler = getattr(self, f"op_{name}", None)
-        if handler is not None:
+        if handler is not None and isinstance(ins[0], _Act):
             return [handler(eqn, ins[0])]
         if name in _POOLS:
             return [self.pool(eqn, ins[0])]
@@ -297,7 +383,8 @@ class _Tracer:
         raise GraphError(
             f"cannot analyse operation {name!r} on activations (shape "
             f"{tuple(eqn.outvars[0].aval.shape)}); ifjax supports conv, dense, batch norm, "
-            "residual additions, pooling, elementwise activations and flatten"
+            "layer norm, attention, residual additions, pooling, elementwise activations, "
+            "slicing and flatten"
         )
 
     def call(self, eqn, ins):
@@ -325,103 +412,222 @@ class _Tracer:
                 "conv_general_dilated: grouped/depthwise convolutions are not supported"
             )
         leaf = self.kernel_leaf(rhs, "conv_general_dilated")
-        if lhs.axis != dn.lhs_spec[1] or lhs.outer * lhs.inner != 1:
+        x = lhs.only("conv_general_dilated")
+        if x.axis != dn.lhs_spec[1] or x.outer * x.inner != 1:
             raise GraphError("conv_general_dilated: input channels are not on the feature axis")
-        self.add_reader(lhs, leaf, dn.rhs_spec[1])
+        self.add_reader(x, leaf, dn.rhs_spec[1])
+        self.conv_leaves.add(leaf)
         out = eqn.outvars[0].aval.shape[dn.out_spec[1]]
-        return self.add_writer(leaf, dn.rhs_spec[0], out, dn.out_spec[1])
+        space = self.add_writer(leaf, dn.rhs_spec[0], out)
+        return _Act((_Dim(dn.out_spec[1], space),), source=leaf)
 
     def named_conv(self, eqn, ins) -> _Act:
         """A jitted function named ``conv_general_dilated``: NHWC input, HWIO kernel."""
         lhs, rhs = ins[:2]
-        if not isinstance(lhs, _Act) or lhs.axis != len(eqn.invars[0].aval.shape) - 1:
+        rank = len(eqn.invars[0].aval.shape)
+        if not isinstance(lhs, _Act) or [d.axis for d in lhs.dims] != [rank - 1]:
             raise GraphError(f"{CONVOLUTION_NAME}: expects an NHWC activation as first input")
         leaf = self.kernel_leaf(rhs, CONVOLUTION_NAME)
         kernel = self.leaf_shapes[leaf]
         out_shape = eqn.outvars[0].aval.shape
         if kernel[-2] != eqn.invars[0].aval.shape[-1] or kernel[-1] != out_shape[-1]:
             raise GraphError(f"{CONVOLUTION_NAME}: kernel {kernel} is not HWIO for its input")
-        self.add_reader(lhs, leaf, len(kernel) - 2)
-        return self.add_writer(leaf, len(kernel) - 1, kernel[-1], len(out_shape) - 1)
+        self.add_reader(lhs.dims[0], leaf, len(kernel) - 2)
+        self.conv_leaves.add(leaf)
+        space = self.add_writer(leaf, len(kernel) - 1, kernel[-1])
+        return _Act((_Dim(len(out_shape) - 1, space),), source=leaf)
 
     def dot(self, eqn, ins) -> _Act:
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         x, k = ins
+        if isinstance(x, _Act) and isinstance(k, _Act):
+            return self.product(eqn, x, k)
         swap = not isinstance(x, _Act)
         if swap:
-            x, k, lc, rc = k, x, rc, lc
-        if isinstance(k, _Act) or lb or rb or len(lc) != 1:
-            raise GraphError("dot_general: only activation x kernel products are supported")
+            x, k, lc, rc, lb, rb = k, x, rc, lc, rb, lb
+        if lb or rb:
+            raise GraphError("dot_general: batched products with a kernel are not supported")
         leaf = self.kernel_leaf(k, "dot_general")
-        if lc[0] != x.axis:
+        tracked = {d.axis: d for d in x.dims}
+        if any(a not in tracked for a in lc):
             raise GraphError("dot_general: contracts an axis other than the channel axis")
+        if len(lc) != len(tracked):
+            raise GraphError("dot_general: leaves a channel axis of its input uncontracted")
+        if len(lc) > 1 and any(tracked[a].outer * tracked[a].inner != 1 for a in lc):
+            raise GraphError("dot_general: contracts a flattened channel axis with others")
+        for a, kernel_axis in zip(lc, rc, strict=True):
+            self.add_reader(tracked[a], leaf, kernel_axis)
         kshape = self.leaf_shapes[leaf]
-        if len(kshape) != 2:
-            raise GraphError("dot_general: kernels must be 2-D (in, out)")
-        self.add_reader(x, leaf, rc[0])
-        out_axis = 1 - rc[0]
+        free = [i for i in range(len(kshape)) if i not in rc]
         x_rank = len(eqn.invars[1 if swap else 0].aval.shape)
-        position = 0 if swap else x_rank - 1
-        return self.add_writer(leaf, out_axis, kshape[out_axis], position)
+        first = 0 if swap else x_rank - len(lc)
+        dims = tuple(
+            _Dim(first + j, self.add_writer(leaf, axis, kshape[axis]))
+            for j, axis in enumerate(free)
+        )
+        return _Act(dims, source=leaf)
 
-    def add_reader(self, x: _Act, leaf: int, axis: int) -> None:
+    def product(self, eqn, x: _Act, y: _Act) -> _Act:
+        """A product of two activations (attention: queries x keys, weights x values).
+        Channel axes paired in it become one space; those on batch axes are attention
+        heads, the others (contracted or carried) per-head dimensions."""
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        ranks = [len(v.aval.shape) for v in eqn.invars]
+
+        def pair(a: int, b: int, kind: list[int]) -> int | None:
+            da, db = x.at(a), y.at(b)
+            if (da is None) != (db is None):
+                raise GraphError(
+                    "dot_general: pairs a channel axis of one activation with a non-channel "
+                    "axis of the other"
+                )
+            if da is None:
+                return None
+            if (da.outer, da.inner) != (db.outer, db.inner):
+                raise GraphError("dot_general: pairs channel axes of different layouts")
+            kind.append(self.union(da.space, db.space, "dot_general"))
+            return kind[-1]
+
+        for a, b in zip(lc, rc, strict=True):
+            pair(a, b, self.contracted)
+        dims = []
+        for position, (a, b) in enumerate(zip(lb, rb, strict=True)):
+            space = pair(a, b, self.heads)
+            if space is not None:
+                d = x.at(a)
+                dims.append(_Dim(position, space, d.outer, d.inner))
+        position = len(lb)
+        for act, rank, used in ((x, ranks[0], (*lc, *lb)), (y, ranks[1], (*rc, *rb))):
+            for a in range(rank):
+                if a in used:
+                    continue
+                d = act.at(a)
+                if d is not None:
+                    self.carried.append(d.space)
+                    dims.append(dataclasses.replace(d, axis=position))
+                position += 1
+        return _Act(tuple(dims))
+
+    def add_reader(self, x: _Dim, leaf: int, axis: int) -> None:
         self.order += 1
         self.readers.append((x.space, leaf, axis, x.outer, x.inner, self.order))
 
-    def add_writer(self, leaf: int, axis: int, size: int, position: int) -> _Act:
+    def add_writer(self, leaf: int, axis: int, size: int) -> int:
         self.order += 1
         space = self.new_space(size)
         self.writers.append((space, leaf, axis, self.order))
-        return _Act(space, position, source=leaf)
+        return space
+
+    def merge(self, name: str, acts: Sequence[_Act]) -> tuple[_Dim, ...]:
+        """The channel axes of activations combined position by position: those on the
+        same axis become one space."""
+        by_axis: dict[int, _Dim] = {}
+        for act in acts:
+            for d in act.dims:
+                seen = by_axis.get(d.axis)
+                if seen is None:
+                    by_axis[d.axis] = d
+                    continue
+                if (seen.outer, seen.inner) != (d.outer, d.inner):
+                    raise GraphError(f"{name}: combines activations whose channel axes differ")
+                self.union(seen.space, d.space, name)
+        return tuple(
+            dataclasses.replace(d, space=self.find(d.space)) for _, d in sorted(by_axis.items())
+        )
+
+    def check_broadcast(self, name: str, eqn, ins: list[Any], dims: tuple[_Dim, ...]) -> None:
+        """Activations not tracked on a channel axis of the result must broadcast along it."""
+        for v, a in zip(eqn.invars, ins, strict=True):
+            if not isinstance(a, _Act):
+                continue
+            shape = (1,) * (len(eqn.outvars[0].aval.shape) - len(v.aval.shape)) + tuple(
+                v.aval.shape
+            )
+            for d in dims:
+                if a.at(d.axis) is None and shape[d.axis] != 1:
+                    raise GraphError(f"{name}: combines activations whose channel axes differ")
 
     def elementwise(self, eqn, ins) -> _Act:
         name = eqn.primitive.name
         acts = [a for a in ins if isinstance(a, _Act)]
-        first = acts[0]
+        dims = self.merge(name, acts)
+        self.check_broadcast(name, eqn, ins, dims)
+        result = _Act(dims)
         rank = len(eqn.outvars[0].aval.shape)
-        for a in acts[1:]:
-            if (a.axis, a.outer, a.inner) != (first.axis, first.outer, first.inner):
-                raise GraphError(f"{name}: combines activations whose channel axes differ")
-            self.union(first.space, a.space, name)
+        source = acts[0].source if len(acts) == 1 else None
         for v, a in zip(eqn.invars, ins, strict=True):
             if isinstance(a, _Param):
-                self.attach(first, a, tuple(v.aval.shape), rank)
+                self.attach(result, a, tuple(v.aval.shape), rank, source)
             elif isinstance(a, _Stat) and a.leaves:
-                self.attach_statistic(first, a)
+                self.attach_statistic(result, a)
         keeps_source = (
             len(acts) == 1 and name in _AFFINE and not any(isinstance(a, _Stat) for a in ins)
         )
-        source = first.source if keeps_source else None
-        return dataclasses.replace(first, space=self.find(first.space), source=source)
+        return _Act(dims, source if keeps_source else None)
 
-    def attach(self, act: _Act, param: _Param, shape: tuple[int, ...], rank: int) -> None:
-        """Records per-channel variables combined elementwise with an activation."""
+    def concatenate(self, eqn, ins) -> _Act:
+        """Along a non-channel axis (a class token before the patches): the pieces share
+        their channels; variables among them (the token) are per-channel variables."""
+        axis = eqn.params["dimension"]
+        acts = [a for a in ins if isinstance(a, _Act)]
+        if any(a.at(axis) is not None for a in acts):
+            raise GraphError(
+                "concatenate: concatenation of activations along channels is not supported"
+            )
+        dims = self.merge("concatenate", acts)
+        result = _Act(dims)
+        rank = len(eqn.outvars[0].aval.shape)
+        for v, a in zip(eqn.invars, ins, strict=True):
+            if isinstance(a, _Param):
+                self.attach(result, a, tuple(v.aval.shape), rank, None)
+            elif isinstance(a, _Stat):
+                raise GraphError("concatenate: joins values reduced over channels")
+        return result
+
+    def leaf_axis(self, leaf: int, shape: tuple[int, ...], axis: int, size: int) -> int | None:
+        """The axis of variable ``leaf`` that becomes ``axis`` of ``shape`` (its value at
+        the operation, after reshapes/broadcasts that only add leading axes)."""
+        leaf_shape = self.leaf_shapes[leaf]
+        pad = len(shape) - len(leaf_shape)
+        if pad >= 0:
+            padded = (1,) * pad + leaf_shape
+            fits = all(p in (1, s) for p, s in zip(padded, shape, strict=True))
+            if fits and padded[axis] == size and axis >= pad:
+                return axis - pad
+        if math.prod(leaf_shape) == size and size in leaf_shape:
+            return leaf_shape.index(size)
+        return None
+
+    def attach(
+        self, act: _Act, param: _Param, shape: tuple[int, ...], rank: int, source: int | None
+    ) -> None:
+        """Records per-channel variables combined with an activation (biases, BatchNorm,
+        a position embedding or class token: per channel and position)."""
         shape = (1,) * (rank - len(shape)) + shape
-        size = self.space_size[self.find(act.space)]
-        per_channel = (
-            act.outer * act.inner == 1 and shape[act.axis] == size and math.prod(shape) == size
-        )
-        if not per_channel:
-            if math.prod(shape) > 1:
+        for d in act.dims:
+            size = self.size(d.space)
+            full = d.outer * size * d.inner
+            if shape[d.axis] == 1 and full != 1:
+                continue
+            if d.outer * d.inner != 1:
                 raise GraphError(
                     f"a variable of shape {shape} is combined with activations in a way that "
                     "is not per channel"
                 )
-            return
-        for leaf in param.leaves:
-            leaf_shape = self.leaf_shapes[leaf]
-            if math.prod(leaf_shape) != size:
-                continue
-            axis = next((i for i, d in enumerate(leaf_shape) if d == size), 0)
-            self.attached.append((act.space, leaf, axis, act.source))
+            for leaf in param.leaves:
+                axis = self.leaf_axis(leaf, shape, d.axis, size)
+                if axis is not None:
+                    self.attached.append((d.space, leaf, axis, source))
 
     def attach_statistic(self, act: _Act, stat: _Stat) -> None:
         """Per-channel variables that entered a reduced value (LayerNorm's scale)."""
-        size = self.space_size[self.find(act.space)]
         for leaf in stat.leaves:
             shape = self.leaf_shapes[leaf]
-            if act.outer * act.inner == 1 and math.prod(shape) == size and size in shape:
-                self.attached.append((act.space, leaf, shape.index(size), None))
+            dims = [d for d in act.dims if d.outer * d.inner == 1 and self.size(d.space) in shape]
+            if dims and math.prod(shape) == self.size(dims[-1].space):
+                self.attached.append(
+                    (dims[-1].space, leaf, shape.index(self.size(dims[-1].space)), None)
+                )
             elif math.prod(shape) > 1:
                 raise GraphError(
                     f"a variable of shape {shape} is combined with values reduced over "
@@ -430,66 +636,122 @@ class _Tracer:
 
     def op_broadcast_in_dim(self, eqn, x: _Act) -> _Act:
         dims = eqn.params["broadcast_dimensions"]
-        return dataclasses.replace(x, axis=dims[x.axis], source=None)
+        return x.mapped(lambda a: dims[a])
 
     def op_transpose(self, eqn, x: _Act) -> _Act:
-        return dataclasses.replace(x, axis=list(eqn.params["permutation"]).index(x.axis))
+        permutation = list(eqn.params["permutation"])
+        return x.mapped(permutation.index, x.source)
 
     def op_squeeze(self, eqn, x: _Act) -> _Act:
         dims = eqn.params["dimensions"]
-        if x.axis in dims:
+        if any(d.axis in dims for d in x.dims):
             raise GraphError("squeeze: removes the channel axis")
-        return dataclasses.replace(x, axis=x.axis - sum(d < x.axis for d in dims))
+        return x.mapped(lambda a: a - sum(d < a for d in dims), x.source)
 
     def op_expand_dims(self, eqn, x: _Act) -> _Act:
-        axis = x.axis
-        for d in sorted(eqn.params["dimensions"]):
-            axis += d <= axis
-        return dataclasses.replace(x, axis=axis)
+        def moved(axis: int) -> int:
+            for d in sorted(eqn.params["dimensions"]):
+                axis += d <= axis
+            return axis
+
+        return x.mapped(moved, x.source)
 
     def op_pad(self, eqn, x: _Act) -> _Act:
-        if any(eqn.params["padding_config"][x.axis]):
+        if any(any(eqn.params["padding_config"][d.axis]) for d in x.dims):
             raise GraphError("pad: pads the channel axis")
-        return dataclasses.replace(x, source=None)
+        return x.mapped(lambda a: a)
 
-    def op_reshape(self, eqn, x: _Act) -> _Act:
-        old = tuple(eqn.invars[0].aval.shape)
-        new = tuple(eqn.params["new_sizes"])
-        before = math.prod(old[: x.axis])
+    def op_slice(self, eqn, x: _Act) -> _Act:
+        """Static slicing (``x[:, 0]``: the class token) of non-channel axes."""
+        shape = eqn.invars[0].aval.shape
+        start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+        strides = eqn.params["strides"] or (1,) * len(shape)
+        for d in x.dims:
+            if (start[d.axis], limit[d.axis], strides[d.axis]) != (0, shape[d.axis], 1):
+                raise GraphError("slice: slices the channel axis")
+        return x.mapped(lambda a: a)
+
+    def op_dynamic_slice(self, eqn, x: _Act) -> _Act:
+        shape = eqn.invars[0].aval.shape
+        for d in x.dims:
+            if eqn.params["slice_sizes"][d.axis] != shape[d.axis]:
+                raise GraphError("dynamic_slice: slices the channel axis")
+        return x.mapped(lambda a: a)
+
+    def reshape_dim(self, eqn, d: _Dim, old: tuple, new: tuple) -> list[_Dim]:
+        before = math.prod(old[: d.axis])
+        end = before * old[d.axis]
         # the new axis that holds the channel axis: products of the dims before it agree
         for b in range(len(new)):
             lead = math.prod(new[:b])
-            if lead > before or lead * new[b] < before * old[x.axis]:
+            if lead > before or lead * new[b] < end:
                 continue
-            lo = next((i for i in range(x.axis + 1) if math.prod(old[:i]) == lead), None)
+            lo = next((i for i in range(d.axis + 1) if math.prod(old[:i]) == lead), None)
             hi = next(
-                (j for j in range(x.axis, len(old)) if math.prod(old[: j + 1]) == lead * new[b]),
+                (j for j in range(d.axis, len(old)) if math.prod(old[: j + 1]) == lead * new[b]),
                 None,
             )
             if lo is None or hi is None:
                 break
-            outer = x.outer * math.prod(old[lo : x.axis])
-            inner = x.inner * math.prod(old[x.axis + 1 : hi + 1])
-            return _Act(x.space, b, outer, inner, source=None)
-        raise GraphError(f"reshape {old} -> {new}: splits the channel axis")
+            outer = d.outer * math.prod(old[lo : d.axis])
+            inner = d.inner * math.prod(old[d.axis + 1 : hi + 1])
+            return [_Dim(b, d.space, outer, inner)]
+        # split into several axes: into (heads, per-head dimensions) if two of them
+        message = f"reshape {old} -> {new}: splits the channel axis"
+        first = next((b for b in range(len(new) + 1) if math.prod(new[:b]) == before), None)
+        last = next(
+            (b for b in range(len(new)) if math.prod(new[: b + 1]) == end and b >= (first or 0)),
+            None,
+        )
+        if d.outer * d.inner != 1 or first is None or last is None:
+            raise GraphError(message)
+        parts = [b for b in range(first, last + 1) if new[b] != 1]
+        if len(parts) != 2:
+            raise GraphError(message)
+        outer_space, inner_space = (self.new_space(new[b]) for b in parts)
+        error = f"{message} ({_location(eqn)})"
+        self.factors.append(_Factor(d.space, outer_space, inner_space, error))
+        return [_Dim(parts[0], outer_space), _Dim(parts[1], inner_space)]
+
+    def op_reshape(self, eqn, x: _Act) -> _Act:
+        old = tuple(eqn.invars[0].aval.shape)
+        new = tuple(eqn.params["new_sizes"])
+        placed: dict[int, list[_Dim]] = {}
+        for d in x.dims:
+            for moved in self.reshape_dim(eqn, d, old, new):
+                placed.setdefault(moved.axis, []).append(moved)
+        dims = []
+        for axis, here in sorted(placed.items()):
+            if len(here) == 1:
+                dims.append(here[0])
+                continue
+            # two channel axes merged into one (heads and per-head dimensions, flattened)
+            outer, inner = sorted(here, key=lambda d: -d.inner)
+            n_outer, n_inner = self.size(outer.space), self.size(inner.space)
+            if len(here) != 2 or (outer.inner, inner.outer) != (
+                n_inner * inner.inner,
+                outer.outer * n_outer,
+            ):
+                raise GraphError(f"reshape {old} -> {new}: merges channel axes")
+            space = self.new_space(n_outer * n_inner)
+            self.factors.append(_Factor(space, outer.space, inner.space, None))
+            dims.append(_Dim(axis, space, outer.outer, inner.inner))
+        return _Act(tuple(dims))
 
     def pool(self, eqn, x: _Act) -> _Act:
-        if eqn.params["window_dimensions"][x.axis] != 1:
+        if any(eqn.params["window_dimensions"][d.axis] != 1 for d in x.dims):
             raise GraphError(f"{eqn.primitive.name}: pools across channels")
-        return dataclasses.replace(x, source=None)
+        return x.mapped(lambda a: a)
 
     def reduction(self, eqn, x: _Act) -> _Act | _Stat:
         axes = eqn.params["axes"]
-        if x.axis in axes:
-            if x.outer * x.inner != 1:
+        reduced = [d for d in x.dims if d.axis in axes]
+        if reduced:
+            if any(d.outer * d.inner != 1 for d in reduced):
                 raise GraphError(f"{eqn.primitive.name}: reduces over the channel axis")
+            self.normalized.extend(d.space for d in reduced)
             return _STAT
-        return dataclasses.replace(x, axis=x.axis - sum(a < x.axis for a in axes), source=None)
-
-    def op_concatenate(self, eqn, x: _Act) -> _Act:
-        raise GraphError(
-            "concatenate: concatenation of activations along channels is not supported"
-        )
+        return x.mapped(lambda a: a - sum(r < a for r in axes))
 
 
 # ----------------------------------------------------------------------------- groups
@@ -509,43 +771,133 @@ def _batchnorm_of(module_leaves: dict[str, Path]) -> BatchNormRef | None:
     return BatchNormRef(names.get("params/scale"), names.get("params/bias"), mean, var)
 
 
-def _writer(tracer: _Tracer, paths: list[Path], leaf: int, axis: int, root: int) -> Writer:
-    kernel = paths[leaf]
-    bias, modules = None, {}
-    for space, other, _, source in tracer.attached:
-        if source != leaf or tracer.find(space) != root:
-            continue
-        p = paths[other]
-        if p[1:-1] == kernel[1:-1]:
-            bias = p
+@dataclasses.dataclass
+class _Entries:
+    """What touches one space (a union-find root), layouts included."""
+
+    writers: list[tuple[int, int, int, int, int]] = dataclasses.field(default_factory=list)
+    readers: list[tuple[int, int, int, int, int]] = dataclasses.field(default_factory=list)
+    attached: list[tuple[int, int, int | None, int, int]] = dataclasses.field(default_factory=list)
+
+    def add(self, other: _Entries, outer: int, inner: int) -> None:
+        """Adds ``other``'s entries with their layouts refined by (outer, inner)."""
+        self.writers += [(o, lf, ax, a * outer, b * inner) for o, lf, ax, a, b in other.writers]
+        self.readers += [(o, lf, ax, a * outer, b * inner) for o, lf, ax, a, b in other.readers]
+        self.attached += [(lf, ax, s, a * outer, b * inner) for lf, ax, s, a, b in other.attached]
+
+
+def _entries(tracer: _Tracer, heads: set[int]) -> tuple[dict[int, _Entries], set[int]]:
+    """Entries per root, those of factored spaces moved to their heads factor; and the
+    roots that are not groups (factored spaces)."""
+    entries: dict[int, _Entries] = {}
+    get = lambda s: entries.setdefault(tracer.find(s), _Entries())
+    for space, leaf, axis, order in tracer.writers:
+        get(space).writers.append((order, leaf, axis, 1, 1))
+    for space, leaf, axis, outer, inner, order in tracer.readers:
+        get(space).readers.append((order, leaf, axis, outer, inner))
+    for space, leaf, axis, source in tracer.attached:
+        get(space).attached.append((leaf, axis, source, 1, 1))
+    factored = set()
+    for factor in reversed(tracer.factors):  # merged products before the splits they undo
+        whole = tracer.find(factor.space)
+        first, second = tracer.find(factor.first), tracer.find(factor.second)
+        if first in heads:
+            target, layout = first, (1, tracer.space_size[second])
+        elif second in heads:
+            target, layout = second, (tracer.space_size[first], 1)
+        elif factor.error is not None:
+            raise GraphError(factor.error, located=True)
         else:
-            modules.setdefault(p[1:-1], {})[p] = p
-    norms = [bn for m in modules.values() if (bn := _batchnorm_of(m)) is not None]
-    return Writer(kernel, axis, bias, norms[0] if len(norms) == 1 else None)
+            continue
+        if whole in entries and whole != target:
+            entries.setdefault(target, _Entries()).add(entries.pop(whole), *layout)
+        factored.add(whole)
+    return entries, factored
+
+
+def _roles(tracer: _Tracer, heads: set[int]) -> dict[int, str]:
+    """Role of each kernel writing attention heads, from the per-head dimensions it
+    writes (its other output axis, or the other factor of its split output)."""
+    split = {}
+    for f in tracer.factors:
+        first, second = tracer.find(f.first), tracer.find(f.second)
+        split[tracer.find(f.space)] = second if first in heads else first
+    contracted = {tracer.find(s) for s in tracer.contracted}
+    carried = {tracer.find(s) for s in tracer.carried}
+    roles: dict[int, str] = {}
+    for space, leaf, _, _ in tracer.writers:
+        root = tracer.find(space)
+        dims = split.get(root, root)
+        if dims in contracted:
+            roles[leaf] = "query_key"
+        elif dims in carried:
+            roles.setdefault(leaf, "value")
+    return roles
+
+
+def _group(
+    tracer: _Tracer,
+    paths: list[Path],
+    entries: _Entries,
+    size: int,
+    kind: str,
+    roles: Mapping[int, str],
+) -> Group:
+    writer_leaves = {leaf for _, leaf, _, _, _ in entries.writers}
+    biases: dict[int, tuple[Path, tuple[int, int]]] = {}
+    modules: dict[int, dict[Path, Path]] = {}
+    channel = set()
+    for leaf, axis, source, outer, inner in entries.attached:
+        p = paths[leaf]
+        is_bias = source in writer_leaves and p[1:-1] == paths[source][1:-1]
+        if is_bias:
+            biases[source] = (p, (outer, inner))
+        elif source is not None:
+            modules.setdefault(source, {})[p] = p
+        if outer * inner == 1:
+            channel.add((p, axis))
+        elif not is_bias:  # a bias split into heads is merged with its writer's layout
+            raise GraphError(
+                f"{path_str(p)}: a per-channel variable of a channel axis split into heads is "
+                "not supported"
+            )
+    writers = []
+    for _, leaf, axis, outer, inner in sorted(entries.writers):
+        bias, layout = biases.get(leaf, (None, (outer, inner)))
+        if layout != (outer, inner):
+            bias = None
+        norms = [bn for m in [modules.get(leaf, {})] if (bn := _batchnorm_of(m)) is not None]
+        batchnorm = norms[0] if norms and outer * inner == 1 else None
+        role = roles.get(leaf, "") if kind == "heads" else ""
+        writers.append(Writer(paths[leaf], axis, bias, batchnorm, outer, inner, role))
+    readers = tuple(
+        Reader(paths[leaf], axis, outer, inner)
+        for _, leaf, axis, outer, inner in sorted(entries.readers)
+    )
+    return Group(0, size, tuple(writers), readers, tuple(sorted(channel)), kind)
 
 
 def _build_groups(tracer: _Tracer, paths: list[Path], excluded: set[int]) -> list[Group]:
-    by_root: dict[int, dict[str, list]] = {}
-    for space, leaf, axis, order in tracer.writers:
-        root = tracer.find(space)
-        by_root.setdefault(root, {"w": [], "r": []})["w"].append((order, leaf, axis))
-    for space, leaf, axis, outer, inner, order in tracer.readers:
-        root = tracer.find(space)
-        if root in by_root:
-            by_root[root]["r"].append((order, Reader(paths[leaf], axis, outer, inner)))
+    heads = {tracer.find(s) for s in tracer.heads}
+    head_dims = {tracer.find(s) for s in (*tracer.contracted, *tracer.carried)} - heads
+    roles = _roles(tracer, heads)
+    normalized = {tracer.find(s) for s in tracer.normalized}
+    entries, factored = _entries(tracer, heads)
     groups = []
-    for root, entries in by_root.items():
-        if root in excluded:
+    for root, found in entries.items():
+        if root in excluded or root in factored or root in head_dims or not found.writers:
             continue
-        writers = tuple(
-            _writer(tracer, paths, leaf, axis, root) for _, leaf, axis in sorted(entries["w"])
-        )
-        readers = tuple(r for _, r in sorted(entries["r"], key=lambda t: t[0]))
-        channel = sorted(
-            {(paths[leaf], axis) for s, leaf, axis, _ in tracer.attached if tracer.find(s) == root}
-        )
-        last = max(order for order, _, _ in entries["w"])
-        groups.append((last, Group(0, tracer.space_size[root], writers, readers, tuple(channel))))
+        if root in heads:
+            kind = "heads"
+        elif root in normalized:
+            kind = "residual"
+        elif all(leaf not in tracer.conv_leaves for _, leaf, _, _, _ in found.writers):
+            kind = "neurons"
+        else:
+            kind = "channels"
+        group = _group(tracer, paths, found, tracer.space_size[root], kind, roles)
+        last = max(order for order, *_ in found.writers)
+        groups.append((last, group))
     groups.sort(key=lambda t: -t[0])
     return [dataclasses.replace(g, index=i) for i, (_, g) in enumerate(groups)]
 
@@ -584,10 +936,12 @@ def trace_groups(
     tracer = _Tracer(shapes)
     input_space = tracer.new_space(int(x_abstract.shape[-1]))
     env = [_Param(frozenset([i]), i) for i in range(len(leaves))]
-    env.append(_Act(input_space, len(x_abstract.shape) - 1))
+    env.append(_Act((_Dim(len(x_abstract.shape) - 1, input_space),)))
     outs = tracer.run(closed.jaxpr, env)
     excluded = {tracer.find(input_space)}
-    excluded |= {tracer.find(o.space) for o in jax.tree.leaves(outs) if isinstance(o, _Act)}
+    excluded |= {
+        tracer.find(d.space) for o in jax.tree.leaves(outs) if isinstance(o, _Act) for d in o.dims
+    }
     return tuple(_build_groups(tracer, paths, excluded))
 
 

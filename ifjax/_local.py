@@ -104,7 +104,7 @@ def localize(group: Group) -> LocalGroup:
         bn = w.batchnorm
         if bn is not None:
             bn = BatchNormRef(rename(bn.scale), rename(bn.bias), rename(bn.mean), rename(bn.var))
-        return Writer(rename(w.kernel), w.axis, rename(w.bias), bn)
+        return dataclasses.replace(w, kernel=rename(w.kernel), bias=rename(w.bias), batchnorm=bn)
 
     local = Group(
         index=0,
@@ -112,5 +112,6 @@ def localize(group: Group) -> LocalGroup:
         writers=tuple(writer(w) for w in group.writers),
         readers=tuple(Reader(rename(r.kernel), r.axis, r.outer, r.inner) for r in group.readers),
         channel_params=tuple((rename(p), axis) for p, axis in group.channel_params),
+        kind=group.kind,
     )
     return LocalGroup(local, tuple(canonical.items()))

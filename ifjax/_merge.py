@@ -59,6 +59,7 @@ def apply_maps(
     writer_map: jnp.ndarray,
     reader_map: jnp.ndarray,
     rule: ChannelRule,
+    query_key_map: jnp.ndarray | None = None,
 ) -> dict[str, Any]:
     """Applies (m, n) maps to every slice of a group's channels.
 
@@ -73,6 +74,8 @@ def apply_maps(
       writer_map: (m, n), row k the weights of the n channels that make channel k.
       reader_map: (m, n), likewise for the readers' input columns.
       rule: the new value of each other per-channel variable.
+      query_key_map: (m, n), for attention heads: the map of the query and key writers
+        (role ``"query_key"``) instead of ``writer_map``.
 
     Returns:
       ``variables`` with the group's arrays replaced (m channels); the input is unchanged.
@@ -80,9 +83,13 @@ def apply_maps(
     updates: dict[Path, jnp.ndarray] = {}
     merged_vectors: set[Path] = set()
     for w in group.writers:
-        updates[w.kernel] = _apply_axis(writer_map, tree_get(variables, w.kernel), w.axis)
+        matrix = writer_map
+        if query_key_map is not None and w.role == "query_key":
+            matrix = query_key_map
+        kernel = tree_get(variables, w.kernel)
+        updates[w.kernel] = _apply_axis(matrix, kernel, w.axis, w.outer, w.inner)
         for path in filter(None, (w.bias, w.batchnorm.bias if w.batchnorm else None)):
-            updates[path] = writer_map @ tree_get(variables, path)
+            updates[path] = _apply_axis(matrix, tree_get(variables, path), 0, w.outer, w.inner)
             merged_vectors.add(path)
     for r in group.readers:
         kernel = tree_get(variables, r.kernel)
@@ -113,15 +120,17 @@ def merge_group_masked(
     writer_map: jnp.ndarray,
     reader_map: jnp.ndarray,
     kept: jnp.ndarray,
+    query_key_map: jnp.ndarray | None = None,
 ) -> dict[str, Any]:
     """The masked form of :func:`merge_group` from the (n, n) maps and (n,) mask of
     :func:`masked_maps`: shapes unchanged, pruned per-channel variables set to 0 (1 for
     BatchNorm's var)."""
 
     def select(path, value, axis):
-        return jnp.where(kept, value, _MASKED_FILL.get(path[-1], 0.0))
+        mask = kept.reshape(kept.shape + (1,) * (value.ndim - axis - 1))
+        return jnp.where(mask, value, _MASKED_FILL.get(path[-1], 0.0))
 
-    return apply_maps(variables, group, writer_map, reader_map, select)
+    return apply_maps(variables, group, writer_map, reader_map, select, query_key_map)
 
 
 def merge_group(
@@ -132,19 +141,24 @@ def merge_group(
     keep: jnp.ndarray,
     *,
     masked: bool = False,
+    query_key_map: jnp.ndarray | None = None,
 ) -> dict[str, Any]:
     """Applies a pruning plan's (m, n) maps to every layer of a group.
 
     Writers (kernel output rows, their bias and the bias of the BatchNorm after them)
     are combined with ``writer_map``; readers' input columns with ``reader_map``; other
-    per-channel variables (BatchNorm scale/mean/var) are sliced to ``keep``. With
-    ``masked=True`` shapes are unchanged: merged slices sit at the kept positions and
-    pruned ones are zero (BatchNorm var 1), which computes the same function.
+    per-channel variables (BatchNorm scale/mean/var) are sliced to ``keep``;
+    ``query_key_map``: see :func:`apply_maps`. With ``masked=True`` shapes are
+    unchanged: merged slices sit at the kept positions and pruned ones are zero
+    (BatchNorm var 1), which computes the same function.
     """
     if masked:
-        return merge_group_masked(variables, group, *masked_maps(writer_map, reader_map, keep))
+        writer_n, reader_n, kept = masked_maps(writer_map, reader_map, keep)
+        if query_key_map is not None:
+            query_key_map = masked_maps(query_key_map, query_key_map, keep)[0]
+        return merge_group_masked(variables, group, writer_n, reader_n, kept, query_key_map)
     select = lambda path, value, axis: jnp.take(value, keep, axis=axis)
-    return apply_maps(variables, group, writer_map, reader_map, select)
+    return apply_maps(variables, group, writer_map, reader_map, select, query_key_map)
 
 
 def transport_group(
@@ -177,11 +191,12 @@ def select_kernel_channels(
     """The group's kernels of ``tree`` (e.g. a gradients tree, which has no BatchNorm
     statistics) sliced to the kept channels ``keep`` (m,)."""
     updates = {}
-    for w in group.writers:
-        updates[w.kernel] = jnp.take(tree_get(tree, w.kernel), keep, axis=w.axis)
-    for r in group.readers:
-        kernel = tree_get(tree, r.kernel)
-        n = kernel.shape[r.axis] // (r.outer * r.inner)
+    for layer in (*group.writers, *group.readers):
+        kernel = tree_get(tree, layer.kernel)
+        if layer.outer * layer.inner == 1:
+            updates[layer.kernel] = jnp.take(kernel, keep, axis=layer.axis)
+            continue
+        n = kernel.shape[layer.axis] // (layer.outer * layer.inner)
         selection = jax.nn.one_hot(keep, n, dtype=kernel.dtype)
-        updates[r.kernel] = _apply_axis(selection, kernel, r.axis, r.outer, r.inner)
+        updates[layer.kernel] = _apply_axis(selection, kernel, layer.axis, layer.outer, layer.inner)
     return tree_replace(tree, updates)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._channels import channel_features, group_size
-from ifjax._graph import GraphError, Group, view_groups
+from ifjax._graph import GROUP_KINDS, GraphError, Group, view_groups
 from ifjax._importance import IMPORTANCES, group_importance
 from ifjax._local import localize
 from ifjax._merge import masked_maps, merge_group, merge_group_masked, select_kernel_channels
@@ -179,20 +179,37 @@ def _solve_batch(config: _Solving, problems: tuple[_GroupProblem, ...]) -> list[
 
 
 @functools.partial(jax.jit, static_argnames="group")
-def _apply(variables, group: Group, writer_map, reader_map, keep):
+def _apply(variables, group: Group, writer_map, reader_map, keep, query_key_map):
     """Physical form, on the group's arrays only: compiled once per group structure,
     shapes and m (the results have m channels)."""
-    return merge_group(variables, group, writer_map, reader_map, keep)
+    return merge_group(variables, group, writer_map, reader_map, keep, query_key_map=query_key_map)
 
 
 @functools.partial(jax.jit, static_argnames="group")
-def _apply_masked(variables, group: Group, writer_map, reader_map, kept):
+def _apply_masked(variables, group: Group, writer_map, reader_map, kept, query_key_map):
     """Masked form from (n, n) maps: compiled once per group structure and shapes,
     whatever the sparsity."""
-    return merge_group_masked(variables, group, writer_map, reader_map, kept)
+    return merge_group_masked(variables, group, writer_map, reader_map, kept, query_key_map)
 
 
 _masked_maps = jax.jit(masked_maps)
+
+# How Intra-Fusion merges attention heads (see ``intra_fusion``).
+HEAD_MERGES = ("average", "values", "map")
+
+
+@jax.jit
+def _row_average(reader_map: jnp.ndarray) -> jnp.ndarray:
+    return reader_map / jnp.sum(reader_map, axis=1, keepdims=True)
+
+
+def _head_plan(plan: PrunePlan, group: Group, head_merge: str) -> PrunePlan:
+    """The writer map of a heads group under ``head_merge`` "average" or "values": the
+    reader map with rows averaged (query, key and value weights of a merged head are
+    transport-weighted means, its output projections summed)."""
+    if group.kind != "heads" or head_merge == "map":
+        return plan
+    return dataclasses.replace(plan, writer_map=_row_average(plan.reader_map))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +221,7 @@ class _Config:
     target: str
     solver: Solver | None
     map_normalization: str
+    head_merge: str = "average"
 
     @property
     def solving(self) -> _Solving:
@@ -233,14 +251,31 @@ class Pruner(NamedTuple):
     plan_groups: Any
 
 
+def _what(group: Group, n: int) -> str:
+    """``"group 4 (3 heads of block0/attention)"``: a group in error messages."""
+    unit = {"heads": "heads", "neurons": "neurons"}.get(group.kind, "channels")
+    where = f" of {group.layer}" if group.layer else ""
+    return f"group {group.index} ({n} {unit}{where})"
+
+
 def _kept(n: int, sparsity: float | None, width: int | None, group: Group) -> int:
     """Channels kept in a group of n: ``width`` if given, else from the sparsity."""
     if width is None:
         if sparsity is None:
-            raise ValueError(f"group {group.index}: give a width, the pruner has no sparsity")
-        return keep_count(n, sparsity)
+            raise ValueError(f"{_what(group, n)}: give a width, the pruner has no sparsity")
+        check_sparsity(sparsity)
+        m = int(n * (1 - sparsity))
+        if m < 1:
+            raise ValueError(
+                f"sparsity {sparsity} would prune every one of {_what(group, n)}; at least "
+                "one must stay"
+            )
+        return m
     if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n:
-        raise ValueError(f"group {group.index}: width {width!r} is not in 1..{n}")
+        raise ValueError(
+            f"{_what(group, n)}: width {width!r} is not in 1..{n} (pruning all of them is "
+            "not possible)"
+        )
     return width
 
 
@@ -278,7 +313,10 @@ def _pruner(config: _Config) -> Pruner:
 
     def plan(variables, group, *, width=None, gradients=None, key=None, scores=None):
         variables, _ = as_variables(variables)
-        return _solve_one(config.solving, problem(variables, group, gradients, key, scores, width))
+        solved = _solve_one(
+            config.solving, problem(variables, group, gradients, key, scores, width)
+        )
+        return _head_plan(solved, group, config.head_merge)
 
     def plan_groups(variables, groups, *, widths=None, gradients=None, key=None):
         variables, _ = as_variables(variables)
@@ -294,19 +332,33 @@ def _pruner(config: _Config) -> Pruner:
         for members in buckets.values():
             solved = _solve_batch(config.solving, tuple(problems[i] for i in members))
             for i, plan in zip(members, solved, strict=True):
-                plans[i] = plan
+                plans[i] = _head_plan(plan, groups[i], config.head_merge)
         return plans
 
     def apply(variables, group, plan, *, masked=False):
         variables, give_back = as_variables(variables)
         check_group(variables, group)
+        if masked and group.kind == "residual":
+            raise ValueError(
+                f"{_what(group, group.size)} is normalized by LayerNorm: its masked form "
+                "(zeros in place) is not the pruned model, whose LayerNorm averages over "
+                "fewer channels; prune it physically (masked=False)"
+            )
         local = localize(group)
         arrays = local.gather(variables)
+        query_key_map = None
+        if group.kind == "heads" and config.head_merge == "values":
+            # queries and keys of the kept heads unchanged: their attention patterns stay
+            query_key_map = jax.nn.one_hot(plan.keep, plan.writer_map.shape[1])
         if masked:
             maps = _masked_maps(plan.writer_map, plan.reader_map, plan.keep)
-            merged = _apply_masked(arrays, local.group, *maps)
+            if query_key_map is not None:
+                query_key_map = _masked_maps(query_key_map, query_key_map, plan.keep)[0]
+            merged = _apply_masked(arrays, local.group, *maps, query_key_map)
         else:
-            merged = _apply(arrays, local.group, plan.writer_map, plan.reader_map, plan.keep)
+            merged = _apply(
+                arrays, local.group, plan.writer_map, plan.reader_map, plan.keep, query_key_map
+            )
         return give_back(local.scatter(variables, merged))
 
     return Pruner(plan, apply, plan_groups)
@@ -320,6 +372,7 @@ def intra_fusion(
     target: str = "most_important",
     solver: str | Solver = "exact",
     map_normalization: str = "reference",
+    head_merge: str = "average",
     epsilon: float = 1e-3,
     max_iterations: int = 5000,
     threshold: float = 1e-4,
@@ -340,6 +393,19 @@ def intra_fusion(
       map_normalization: "reference" (writing rows are summed with the map's
         coefficients, as the released code) or "row_average" (writing rows are
         averaged: function-preserving for duplicate channels).
+      head_merge: how attention heads (groups of kind "heads") merge. Each head is one
+        point (its query, key and value kernels and its slice of the output
+        projection), and the transport map says how much of each pruned head goes to
+        each kept one. "average" (default): a kept head's query, key and value weights
+        become the transport-weighted *mean* of the heads it receives and its output
+        projection their *sum*. Queries and keys enter the attention logits as a
+        product and values are mixed by softmax weights that sum to one, so summing
+        them (the channel rule of the reference) would rescale the logits by the
+        square of the received mass; averaging keeps their scale and merges duplicate
+        heads exactly. "values": queries and keys of the kept heads are kept as they
+        are (their attention patterns unchanged), only values (averaged) and output
+        projections (summed) merge. "map": the writer map of every other group
+        (``map_normalization``) for queries, keys and values too.
       epsilon, max_iterations, threshold: Sinkhorn settings (epsilon relative to the
         mean cost).
 
@@ -353,6 +419,7 @@ def intra_fusion(
     _check_choice("marginals", marginals, ("uniform", "importance"))
     _check_choice("target", target, ("most_important", "centroids"))
     _check_choice("map_normalization", map_normalization, MAP_NORMALIZATIONS)
+    _check_choice("head_merge", head_merge, HEAD_MERGES)
     config = _Config(
         "intra_fusion",
         sparsity,
@@ -361,6 +428,7 @@ def intra_fusion(
         target,
         make_solver(solver, epsilon=epsilon, max_iterations=max_iterations, threshold=threshold),
         map_normalization,
+        head_merge,
     )
     return _pruner(config)
 
@@ -397,8 +465,14 @@ def _resolve_groups(view: ModelView, groups: Any, example_input: Any):
     if example_input is None:
         raise ValueError("pass Group objects, or example_input so the groups can be discovered")
     found = view_groups(view, example_input)
-    if isinstance(groups, str) and groups == "all":
-        return found, found
+    if isinstance(groups, str):
+        if groups == "all":  # the residual stream only when asked for
+            return tuple(g for g in found if g.kind != "residual"), found
+        if groups not in GROUP_KINDS:
+            raise ValueError(
+                f"unknown groups {groups!r}: 'all', a kind {GROUP_KINDS}, indices or Groups"
+            )
+        return tuple(g for g in found if g.kind == groups), found
     indices = [groups] if isinstance(groups, int) else list(groups)
     for i in indices:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(found):
@@ -462,7 +536,9 @@ def prune(
       model: a Flax Linen module or an NNX module (in evaluation mode, ``module.eval()``).
       *args: Linen: ``variables, groups``; NNX: ``groups``. ``groups`` is a
         :class:`Group`, a sequence of them, a group index or indices (needs
-        ``example_input``), or "all". Variables are never modified.
+        ``example_input``), "all" (every group but the residual stream: transformers'
+        LayerNorm-normalized channels are pruned only when asked for), or a kind
+        ("channels", "neurons", "heads", "residual"). Variables are never modified.
       sparsity: fraction of channels removed from each group, in [0, 1).
       widths: instead of ``sparsity``, ``{group index: channels kept}``.
       method: "intra_fusion" or "default".
@@ -528,7 +604,16 @@ def _check_pruned_model(model: Any, variables: Any, example_input: Any, view: Mo
     rng = jax.random.key(0)
     kwargs = dict(view.kwargs)
     init = lambda x: model.init({"params": rng, "dropout": rng}, x, **kwargs)
-    expected = shapes_of(jax.eval_shape(init, example_input))
+    hint = "teach it with ifjax.register_width_rule(layer_type, rule)"
+    try:
+        expected = shapes_of(jax.eval_shape(init, example_input))
+    except Exception as error:  # a layer computes with a width attribute ifjax left alone
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise GraphError(
+            f"the pruned {type(model).__name__} cannot run with the pruned widths "
+            f"({type(error).__name__}: {first}): a layer uses a width attribute that ifjax "
+            f"does not know (e.g. a head count it reshapes into); {hint}"
+        ) from error
     got = shapes_of(variables)
     wrong = [
         "/".join(p) for p in got if p[0] == "params" and p in expected and expected[p] != got[p]

@@ -38,11 +38,9 @@ def check_group(variables: Mapping[str, Any], group: Group) -> None:
     if not isinstance(group, Group):
         raise ValueError(f"expected a Group from discover_groups, got {type(group).__name__}")
     sizes = {}
-    for w in group.writers:
-        sizes[path_str(w.kernel)] = _shape(variables, w.kernel, group)[w.axis]
-    for r in group.readers:
-        sizes[path_str(r.kernel)] = _shape(variables, r.kernel, group)[r.axis] // (
-            r.outer * r.inner
+    for layer in (*group.writers, *group.readers):
+        sizes[path_str(layer.kernel)] = _shape(variables, layer.kernel, group)[layer.axis] // (
+            layer.outer * layer.inner
         )
     for path, axis in group.channel_params:
         sizes[path_str(path)] = _shape(variables, path, group)[axis]

@@ -64,6 +64,16 @@ def _einsum(module: nn.Einsum, shapes: Shapes) -> dict[str, Any]:
     return {"shape": tuple(shapes["kernel"])}
 
 
+def _attention(module: nn.MultiHeadDotProductAttention, shapes: Shapes) -> dict[str, Any]:
+    if "query/kernel" not in shapes:
+        return {}
+    _, heads, head_dim = shapes["query/kernel"]
+    widths = {"num_heads": heads, "qkv_features": heads * head_dim}
+    if module.out_features is not None and "out/kernel" in shapes:
+        widths["out_features"] = shapes["out/kernel"][-1]
+    return widths
+
+
 _LINEN_RULES: dict[type, WidthRule] = {
     nn.Dense: _features,
     nn.Conv: _features,
@@ -72,6 +82,7 @@ _LINEN_RULES: dict[type, WidthRule] = {
     nn.DenseGeneral: _dense_general,
     nn.Embed: _embed,
     nn.Einsum: _einsum,
+    nn.MultiHeadDotProductAttention: _attention,
 }
 
 
@@ -81,10 +92,13 @@ def register_width_rule(module_type: type, rule: WidthRule) -> None:
     Args:
       module_type: a Linen module class.
       rule: ``rule(module, shapes) -> {attribute: value}``, where ``shapes`` maps the
-        layer's parameter names to their (pruned) shapes.
+        layer's parameter names to their (pruned) shapes, its submodules' parameters
+        included under their relative names (``"q/kernel"``).
 
     Example:
       >>> register_width_rule(MyLinear, lambda m, s: {"out_dim": s["w"][-1]})
+      >>> register_width_rule(  # an attention layer that reshapes into num_heads heads
+      ...     MyAttention, lambda m, s: {"num_heads": s["q/kernel"][-1] // m.head_dim})
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise ValueError(f"register_width_rule expects a Linen module class, got {module_type!r}")
@@ -110,10 +124,15 @@ def _set_widths(module: Any, shapes: Shapes) -> None:
 
 
 def _param_shapes(variables: Mapping[str, Any]) -> dict[Path, dict[str, tuple[int, ...]]]:
-    """{module path: {parameter name: shape}} of the ``params`` collection."""
+    """{module path: {parameter name: shape}} of the ``params`` collection; a module's
+    names include those of its submodules' parameters relative to it (``"q/kernel"``),
+    so that layers holding no parameter of their own (an attention layer whose heads
+    count is an attribute) can have rules too."""
     table: dict[Path, dict[str, tuple[int, ...]]] = {}
     for path, leaf in tree_paths(variables.get("params", {})).items():
-        table.setdefault(path[:-1], {})[path[-1]] = tuple(getattr(leaf, "shape", ()))
+        shape = tuple(getattr(leaf, "shape", ()))
+        for cut in range(len(path)):
+            table.setdefault(path[:cut], {})["/".join(path[cut:])] = shape
     return table
 
 
@@ -205,6 +224,30 @@ def _nnx_norm(module: Any) -> dict[str, Any]:
     return {} if shape is None else {"num_features": shape[-1]}
 
 
+def _nnx_linear_general(module: nnx.LinearGeneral) -> dict[str, Any]:
+    kernel = _nnx_shape(module, "kernel")
+    n_in = len(module.in_features)
+    out = kernel[n_in:]
+    return {
+        "in_features": kernel[:n_in],
+        "out_features": out if isinstance(module.out_features, tuple) else out[0],
+    }
+
+
+def _nnx_attention(module: nnx.MultiHeadAttention) -> dict[str, Any]:
+    in_features, heads, head_dim = _nnx_shape(module.query, "kernel")
+    kv_in, kv_heads, _ = _nnx_shape(module.key, "kernel")
+    return {
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "qkv_features": heads * head_dim,
+        "in_features": in_features,
+        "in_kv_features": kv_in,
+        "out_features": _nnx_shape(module.out, "kernel")[-1],
+    }
+
+
 def _nnx_embed(module: nnx.Embed) -> dict[str, Any]:
     rows, features = _nnx_shape(module, "embedding")
     return {"num_embeddings": rows, "features": features}
@@ -219,6 +262,8 @@ _NNX_RULES: dict[type, Callable[[Any], dict[str, Any]]] = {
     nnx.RMSNorm: _nnx_norm,
     nnx.GroupNorm: _nnx_norm,
     nnx.Embed: _nnx_embed,
+    nnx.LinearGeneral: _nnx_linear_general,
+    nnx.MultiHeadAttention: _nnx_attention,
 }
 
 

@@ -1,6 +1,6 @@
 """Models by name, and models as JSON-serialisable specs.
 
-A spec is ``{"name": "VGG" | "ResNet", "fields": {...}}`` where ``fields`` are the
+A spec is ``{"name": "VGG" | "ResNet" | "ViT", "fields": {...}}`` where ``fields`` are the
 model's constructor fields with tuples written as lists, so a spec survives
 ``json.dumps``/``json.loads`` and :func:`build_model` rebuilds an equal model (pruned
 widths included). Checkpoints store the spec next to the weights.
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from models.resnet import ResNet, resnet18, resnet50
 from models.vgg import VGG, vgg11_bn
+from models.vit import ViT, vit
 
 __all__ = [
     "MODEL_CLASSES",
@@ -30,11 +31,12 @@ __all__ = [
     "model_spec",
 ]
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"VGG": VGG, "ResNet": ResNet}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"VGG": VGG, "ResNet": ResNet, "ViT": ViT}
 MODEL_FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "vgg11_bn": vgg11_bn,
     "resnet18": resnet18,
     "resnet50": resnet50,
+    "vit": vit,
 }
 # Fields every Linen module has that are not part of its architecture.
 _MODULE_FIELDS = ("parent", "name")
@@ -56,7 +58,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     """Returns the JSON-serialisable spec of a registered model.
 
     Args:
-      model: a ``VGG`` or ``ResNet`` (dense or pruned widths).
+      model: a ``VGG``, ``ResNet`` or ``ViT`` (dense or pruned widths).
 
     Returns:
       ``{"name": class name, "fields": constructor fields, tuples as lists}``.
@@ -106,7 +108,7 @@ def create_model(name: str, num_classes: int = 10, width_multiplier: float = 1.0
     """Creates a model of the paper by name.
 
     Args:
-      name: ``"vgg11_bn"``, ``"resnet18"`` or ``"resnet50"``.
+      name: ``"vgg11_bn"``, ``"resnet18"``, ``"resnet50"`` or ``"vit"``.
       num_classes: classifier outputs.
       width_multiplier: scales every width (at least one channel per layer).
 

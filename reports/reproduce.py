@@ -58,6 +58,18 @@ SETTINGS: dict[str, dict[str, Any]] = {
         finetune_epochs=1,
         methods=METHODS[:3],
     ),
+    # The ViT of issue 15 (models/vit.py: patch 4, depth 4, width 128, 4 heads of 32, MLP
+    # 256) at full width, trained with AdamW, the usual optimizer of vision transformers.
+    "vit": dict(
+        width=1.0,
+        epochs=15,
+        schedule="fast",
+        optimizer="adamw",
+        peak_lr=1e-3,
+        weight_decay=0.05,
+        test_subset=5000,
+        finetune_epochs=1,
+    ),
 }
 LABELS = {
     "intra_fusion": "Intra-Fusion (exact)",
@@ -85,6 +97,7 @@ def base_model(model: str) -> dict[str, Any]:
         epochs=config["epochs"],
         schedule=config["schedule"],
         train_subset=config.get("train_subset"),
+        **{k: config[k] for k in ("optimizer", "peak_lr", "weight_decay") if k in config},
     )
     if not result["finished"]:
         raise RuntimeError(f"training of {model} stopped before the end; run again to resume")

@@ -291,6 +291,155 @@ def nnx_train_step(model, x, labels):
     return loss
 
 
+# ----------------------------------------------------------------------------- transformers
+# A Linen ViT as big_vision/scenic write it (flax's MultiHeadDotProductAttention, MlpBlock,
+# a class token concatenated in front of the patches, a learned position embedding); the
+# same with attention written by hand (Dense, reshape into heads, einsum); an NNX ViT as
+# the NNX docs write modules (nnx.MultiHeadAttention).
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.gelu(nn.Dense(self.mlp_dim)(x))
+        return nn.Dense(x.shape[-1])(y)
+
+
+class SelfAttention(nn.Module):
+    """Hand-written multi-head attention: one Dense per projection, heads by reshape."""
+
+    num_heads: int
+    head_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        batch, tokens, width = x.shape
+        split = lambda y: y.reshape(batch, tokens, self.num_heads, self.head_dim)
+        q = split(nn.Dense(self.num_heads * self.head_dim, name="q")(x))
+        k = split(nn.Dense(self.num_heads * self.head_dim, name="k")(x))
+        v = split(nn.Dense(self.num_heads * self.head_dim, name="v")(x))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(self.head_dim)
+        weights = jax.nn.softmax(logits, axis=-1)
+        y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, -1)
+        return nn.Dense(width, name="proj")(y)
+
+
+class Encoder1DBlock(nn.Module):
+    num_heads: int
+    mlp_dim: int
+    hand_written: bool = False
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        y = nn.LayerNorm()(x)
+        if self.hand_written:
+            y = SelfAttention(self.num_heads, x.shape[-1] // self.num_heads)(y)
+        else:
+            y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(
+                y, y, deterministic=deterministic
+            )
+        x = x + y
+        return x + MlpBlock(self.mlp_dim)(nn.LayerNorm()(x))
+
+
+class VisionTransformer(nn.Module):
+    num_classes: int = 10
+    patch: int = 4
+    hidden: int = 16
+    depth: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 24
+    hand_written: bool = False
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        p = self.patch
+        x = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID", name="embedding")(x)
+        n, h, w, c = x.shape
+        x = x.reshape(n, h * w, c)
+        cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, c))
+        x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]), x], axis=1)
+        x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w + 1, c))
+        for i in range(self.depth):
+            x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.hand_written, name=f"block{i}")(
+                x, deterministic=not train
+            )
+        x = nn.LayerNorm(name="encoder_norm")(x)
+        return nn.Dense(self.num_classes, name="head")(x[:, 0])
+
+
+def linen_vit(hand_written=False):
+    model = VisionTransformer(hand_written=hand_written)
+    x = _images((4, 16, 16, 3), seed=4)
+    variables = model.init(jax.random.key(4), x)
+    return model, randomized(variables, seed=4), x
+
+
+def linen_vit_train_step(model, variables, x, labels):
+    """One jitted AdamW step, as a user of the Linen ViT writes it."""
+    tx = optax.adamw(1e-3)
+    params = variables["params"]
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss_fn(params):
+            logits = model.apply({"params": params}, x, train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params, _, loss = step(params, tx.init(params))
+    return {"params": params}, loss
+
+
+class NnxEncoderBlock(nnx.Module):
+    def __init__(self, hidden: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(hidden, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=num_heads, in_features=hidden, decode=False, rngs=rngs
+        )
+        self.norm2 = nnx.LayerNorm(hidden, rngs=rngs)
+        self.mlp = nnx.Sequential(
+            nnx.Linear(hidden, mlp_dim, rngs=rngs), nnx.gelu, nnx.Linear(mlp_dim, hidden, rngs=rngs)
+        )
+
+    def __call__(self, x):
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class NnxViT(nnx.Module):
+    def __init__(self, hidden=16, depth=2, num_heads=4, mlp_dim=24, num_classes=10, *, rngs):
+        self.patch_embed = nnx.Conv(3, hidden, (4, 4), strides=(4, 4), padding="VALID", rngs=rngs)
+        self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, hidden)) * 0.02)
+        self.pos_embed = nnx.Param(jax.random.normal(rngs.params(), (1, 17, hidden)) * 0.02)
+        self.blocks = nnx.List(
+            [NnxEncoderBlock(hidden, num_heads, mlp_dim, rngs=rngs) for _ in range(depth)]
+        )
+        self.norm = nnx.LayerNorm(hidden, rngs=rngs)
+        self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.patch_embed(x)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def nnx_vit():
+    model = NnxViT(rngs=nnx.Rngs(5))
+    _randomize_nnx(model, seed=5)
+    model.eval()
+    return model, _images((4, 16, 16, 3), seed=5)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -32,11 +32,11 @@ import ifjax
 from ifjax import GraphError
 from train import jobs, sweep
 from train.data import DatasetUnavailableError
-from train.training import SCHEDULES
+from train.training import OPTIMIZERS, SCHEDULES
 
 __all__ = ["main", "parser"]
 
-MODELS = ("vgg11_bn", "resnet18", "resnet50")
+MODELS = ("vgg11_bn", "resnet18", "resnet50", "vit")
 DATASETS = ("cifar10", "cifar10_jpeg", "cifar100", "imagenet2012")
 METHODS = ("intra_fusion", "default")
 # Errors that mean "bad input", reported in one line; anything else is a bug: traceback.
@@ -72,6 +72,7 @@ _sparsity = _number(float, lambda s: 0 <= s < 1, "sparsity must be in [0, 1)")
 _positive_int = _number(int, lambda n: n > 0, "must be a positive integer")
 _positive_float = _number(float, lambda x: x > 0, "must be a positive number")
 _nonnegative_int = _number(int, lambda n: n >= 0, "must be a non-negative integer")
+_nonnegative_float = _number(float, lambda x: x >= 0, "must be a non-negative number")
 
 
 def _list_of(parse: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -112,6 +113,9 @@ def _fit_options(sub: argparse.ArgumentParser, epochs: int, schedule: str) -> No
     sub.add_argument("--train-subset", type=_positive_int, help="random subset of training images")
     sub.add_argument("--max-steps", type=_positive_int, help="stop (resumably) after this step")
     sub.add_argument("--checkpoint-every", type=_positive_int, help="also checkpoint every N steps")
+    sub.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="default sgd")
+    sub.add_argument("--lr", type=_positive_float, help="peak learning rate (default: schedule's)")
+    sub.add_argument("--weight-decay", type=_nonnegative_float, help="default 5e-4")
 
 
 def _add_train(commands) -> None:
@@ -332,7 +336,10 @@ def _data(args: argparse.Namespace) -> dict[str, Any]:
 def _fit(args: argparse.Namespace) -> dict[str, Any]:
     names = ("workdir", "epochs", "batch_size", "schedule", "seed", "train_subset", "max_steps")
     return {name: getattr(args, name) for name in names} | {
-        "checkpoint_every": args.checkpoint_every
+        "checkpoint_every": args.checkpoint_every,
+        "optimizer": args.optimizer,
+        "peak_lr": args.lr,
+        "weight_decay": args.weight_decay,
     }
 
 

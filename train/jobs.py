@@ -184,6 +184,7 @@ def _fit_and_save(
         seed=seed,
         max_steps=options.get("max_steps"),
         checkpoint_every_steps=options.get("checkpoint_every"),
+        **{k: options[k] for k in ("optimizer", "peak_lr", "weight_decay") if k in options},
     )
     summary = {"workdir": str(workdir), "epochs_done": len(metrics), "history": metrics}
     if len(metrics) < options["epochs"]:
@@ -198,6 +199,14 @@ def _fit_and_save(
         overwrite=True,
     )
     return summary | {"finished": True, "checkpoint": str(path), "test_top1": metadata["test_top1"]}
+
+
+def _optimizer_options(optimizer: str, peak_lr: float | None, weight_decay: float | None):
+    """The optimizer settings that differ from the training stack's defaults (only those
+    are recorded, so that runs made before these options existed still resume)."""
+    options = {"optimizer": optimizer} if optimizer != "sgd" else {}
+    options |= {"peak_lr": peak_lr} if peak_lr is not None else {}
+    return options | ({"weight_decay": weight_decay} if weight_decay is not None else {})
 
 
 def train(
@@ -215,8 +224,14 @@ def train(
     train_subset: int | None = None,
     max_steps: int | None = None,
     checkpoint_every: int | None = None,
+    optimizer: str = "sgd",
+    peak_lr: float | None = None,
+    weight_decay: float | None = None,
 ) -> dict[str, Any]:
     """Trains a model of the paper from scratch; resumes from ``workdir`` if it can.
+
+    ``optimizer``, ``peak_lr`` and ``weight_decay`` (default: the training stack's)
+    choose e.g. AdamW for the ViT (see :func:`train.training.make_optimizer`).
 
     Returns:
       ``{"finished", "checkpoint" (workdir/model once finished), "test_top1" (percent),
@@ -230,6 +245,7 @@ def train(
     image_size = int(train_set.get_batch(np.arange(1))[0].shape[1])
     variables = init_variables(network, seed, (1, image_size, image_size, 3))
     options = dict(epochs=epochs, batch_size=batch_size, schedule=schedule, seed=seed)
+    options |= _optimizer_options(optimizer, peak_lr, weight_decay)
     metadata = dict(
         model=model,
         dataset=dataset,
@@ -373,6 +389,9 @@ def finetune(
     train_subset: int | None = None,
     max_steps: int | None = None,
     checkpoint_every: int | None = None,
+    optimizer: str = "sgd",
+    peak_lr: float | None = None,
+    weight_decay: float | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes a (pruned) checkpoint; the result goes to ``workdir/model``.
 
@@ -385,6 +404,7 @@ def finetune(
     )
     test_set = load_split(name, "test", data_dir=data_dir, zip_path=zip_path)
     options = dict(epochs=epochs, batch_size=batch_size, schedule=schedule, seed=seed)
+    options |= _optimizer_options(optimizer, peak_lr, weight_decay)
     step = dict(operation="finetune", source=str(Path(checkpoint).absolute()), **options)
     return _fit_and_save(
         restored.model,

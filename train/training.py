@@ -13,7 +13,10 @@ Recipes (``kind``):
 The optimizer is SGD with momentum and *coupled* L2 weight decay, as ``torch.optim.SGD``
 (``weight_decay``) in the PyTorch CIFAR scripts of the reference: ``weight_decay * param``
 is added to the gradient of every parameter (kernels, biases and BatchNorm scales alike,
-as the reference does) before momentum.
+as the reference does) before momentum. ``optimizer="adamw"`` uses AdamW (decoupled
+weight decay) instead, the usual optimizer of vision transformers, with the same
+schedule shapes; ``peak_lr`` then replaces the schedule's peak (SGD's 0.1 is far too
+large for Adam: ViTs train with about 1e-3).
 
 ``fit`` checkpoints its whole training state (params, batch_stats, opt_state, step, rng,
 epoch and position inside the epoch, running train metrics and the metrics history) into
@@ -49,6 +52,7 @@ from models.layers import inference_jit
 __all__ = [
     "KEEP_CHECKPOINTS",
     "METRIC_COLUMNS",
+    "OPTIMIZERS",
     "SCHEDULES",
     "TrainState",
     "create_train_state",
@@ -62,6 +66,7 @@ __all__ = [
 
 Batch = Mapping[str, Any]
 SCHEDULES = ("base", "finetune", "fast")
+OPTIMIZERS = ("sgd", "adamw")
 KEEP_CHECKPOINTS = 2
 METRIC_COLUMNS = (
     "epoch",
@@ -80,13 +85,16 @@ _FAST_PEAK = 0.1
 _FAST_WARMUP_FRACTION = 0.15
 
 
-def learning_rate_schedule(kind: str, steps_per_epoch: int, epochs: int) -> optax.Schedule:
+def learning_rate_schedule(
+    kind: str, steps_per_epoch: int, epochs: int, peak_lr: float | None = None
+) -> optax.Schedule:
     """Returns the learning rate as a function of the optimizer step.
 
     Args:
       kind: ``"base"``, ``"finetune"`` or ``"fast"`` (see the module docstring).
       steps_per_epoch: optimizer steps per epoch.
       epochs: length of the run (used by ``"fast"``, checked for all).
+      peak_lr: replaces the schedule's peak learning rate (the rest scales with it).
 
     Example:
       >>> schedule = learning_rate_schedule("base", steps_per_epoch=391, epochs=300)
@@ -98,7 +106,7 @@ def learning_rate_schedule(kind: str, steps_per_epoch: int, epochs: int) -> opta
             f"need steps_per_epoch >= 1 and epochs >= 1, got {steps_per_epoch}, {epochs}"
         )
     if kind in _STEP_DECAY_PEAK:
-        peak = _STEP_DECAY_PEAK[kind]
+        peak = _STEP_DECAY_PEAK[kind] if peak_lr is None else peak_lr
 
         def step_decay(count: jax.Array) -> jax.Array:
             halvings = jnp.asarray(count) // steps_per_epoch // _STEP_DECAY_EPOCHS
@@ -106,11 +114,12 @@ def learning_rate_schedule(kind: str, steps_per_epoch: int, epochs: int) -> opta
 
         return step_decay
     if kind == "fast":
+        peak = _FAST_PEAK if peak_lr is None else peak_lr
         total = epochs * steps_per_epoch
         warmup = max(1, round(_FAST_WARMUP_FRACTION * total))
         return optax.warmup_cosine_decay_schedule(
-            init_value=_FAST_PEAK / 10,
-            peak_value=_FAST_PEAK,
+            init_value=peak / 10,
+            peak_value=peak,
             warmup_steps=warmup,
             decay_steps=max(total, warmup + 1),
             end_value=0.0,
@@ -125,22 +134,34 @@ def make_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     nesterov: bool = False,
+    optimizer: str = "sgd",
+    peak_lr: float | None = None,
 ) -> optax.GradientTransformation:
-    """SGD with momentum and coupled L2 weight decay on all parameters (as torch SGD).
+    """SGD with momentum and coupled L2 weight decay on all parameters (as torch SGD), or
+    AdamW.
 
     Args:
       kind: learning-rate schedule, see :func:`learning_rate_schedule`.
       steps_per_epoch: optimizer steps per epoch.
       epochs: length of the run.
-      momentum: SGD momentum.
-      weight_decay: L2 coefficient added to the gradient, ``grad + weight_decay * param``.
-      nesterov: Nesterov momentum.
+      momentum: SGD momentum (AdamW: its first-moment decay b1).
+      weight_decay: SGD: L2 coefficient added to the gradient, ``grad + weight_decay *
+        param``; AdamW: the decoupled decay ``lr * weight_decay * param``.
+      nesterov: Nesterov momentum (SGD only).
+      optimizer: ``"sgd"`` or ``"adamw"``.
+      peak_lr: the schedule's peak learning rate (default: the schedule's own).
 
     Example:
       >>> optimizer = make_optimizer("finetune", steps_per_epoch=391, epochs=100)
       >>> opt_state = optimizer.init(variables["params"])
     """
-    schedule = learning_rate_schedule(kind, steps_per_epoch, epochs)
+    schedule = learning_rate_schedule(kind, steps_per_epoch, epochs, peak_lr)
+    if optimizer == "adamw":
+        if nesterov:
+            raise ValueError("nesterov applies to optimizer='sgd' only")
+        return optax.adamw(schedule, b1=momentum, weight_decay=weight_decay)
+    if optimizer != "sgd":
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {OPTIMIZERS}")
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         optax.sgd(schedule, momentum=momentum, nesterov=nesterov),
@@ -627,6 +648,8 @@ def fit(
     weight_decay: float = 5e-4,
     nesterov: bool = False,
     progress_bar: bool | None = None,
+    optimizer: str = "sgd",
+    peak_lr: float | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trains (or fine-tunes) a model, evaluating after every epoch; resumable.
 
@@ -651,10 +674,12 @@ def fit(
       checkpoint_every_steps: also checkpoint every that many steps (besides each epoch).
       log_every: steps between progress updates (None or 0: none).
       max_steps: stop (and checkpoint) once this many steps are done.
-      momentum: SGD momentum.
-      weight_decay: coupled L2 weight decay.
+      momentum: SGD momentum (AdamW: b1).
+      weight_decay: coupled L2 weight decay (AdamW: decoupled).
       nesterov: Nesterov momentum.
       progress_bar: tqdm bar (True) or plain lines (False); None: bar on a terminal.
+      optimizer: ``"sgd"`` or ``"adamw"`` (see :func:`make_optimizer`).
+      peak_lr: the schedule's peak learning rate (default: the schedule's own).
 
     Returns:
       ``(variables, history)``: the final variables and one metrics dict per epoch.
@@ -675,13 +700,23 @@ def fit(
         weight_decay=weight_decay,
         nesterov=nesterov,
     )
-    optimizer = _cached_optimizer(
-        optimizer_kind, steps_per_epoch, epochs, momentum, weight_decay, nesterov
+    # recorded only when not the default, so that older checkpoints still resume
+    config |= {"optimizer": optimizer} if optimizer != "sgd" else {}
+    config |= {"peak_lr": peak_lr} if peak_lr is not None else {}
+    transform = _cached_optimizer(
+        optimizer_kind,
+        steps_per_epoch,
+        epochs,
+        momentum,
+        weight_decay,
+        nesterov,
+        optimizer,
+        peak_lr,
     )
     fit_ = _Fit(
         model=model,
-        optimizer=optimizer,
-        schedule=learning_rate_schedule(optimizer_kind, steps_per_epoch, epochs),
+        optimizer=transform,
+        schedule=learning_rate_schedule(optimizer_kind, steps_per_epoch, epochs, peak_lr),
         train_batches=train_batches,
         eval_batches=eval_batches,
         epochs=epochs,
@@ -691,7 +726,7 @@ def fit(
         checkpoint_every_steps=checkpoint_every_steps,
         max_steps=max_steps,
     )
-    run = _start(fit_, _Run(state=create_train_state(model, variables, optimizer, seed=seed)))
+    run = _start(fit_, _Run(state=create_train_state(model, variables, transform, seed=seed)))
     progress = _Progress(epochs * steps_per_epoch, run.step, log_every, progress_bar)
     try:
         while run.epoch < epochs:
