@@ -8,11 +8,27 @@ fuse models trained apart (OTFusion).
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._channels import channel_features
 from ifjax._fusion import FUSION_METHODS, align, average_variables, fuse
-from ifjax._graph import BatchNormRef, GraphError, Group, Reader, Writer, discover_groups
+from ifjax._graph import (
+    GROUP_KINDS,
+    BatchNormRef,
+    GraphError,
+    Group,
+    Reader,
+    Writer,
+    discover_groups,
+)
 from ifjax._importance import IMPORTANCES, accumulate_gradients, group_importance, lamp_transform
 from ifjax._merge import merge_group
 from ifjax._model import model_for, variables_of
-from ifjax._prune import PrunePlan, Pruner, default_pruning, intra_fusion, keep_count, prune
+from ifjax._prune import (
+    HEAD_MERGES,
+    PrunePlan,
+    Pruner,
+    default_pruning,
+    intra_fusion,
+    keep_count,
+    prune,
+)
 from ifjax._transport import (
     ExactSolver,
     SinkhornSolver,
@@ -33,6 +49,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FUSION_METHODS",
+    "GROUP_KINDS",
+    "HEAD_MERGES",
     "IMPORTANCES",
     "BatchNormRef",
     "ExactSolver",

@@ -91,9 +91,10 @@ def _choices(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
 
 
 def _groups(text: str) -> str | list[int]:
-    if text == "all":
-        return "all"
-    index = _number(int, lambda i: i >= 0, "groups must be 'all' or indices like 0,3")
+    if text == "all" or text in ifjax.GROUP_KINDS:
+        return text
+    message = f"groups must be 'all', a kind ({', '.join(ifjax.GROUP_KINDS)}) or indices like 0,3"
+    index = _number(int, lambda i: i >= 0, message)
     return _list_of(index)(text)
 
 
@@ -142,7 +143,12 @@ def _add_prune(commands) -> None:
     sub = commands.add_parser("prune", help="prune groups of a checkpoint (Intra-Fusion/Default)")
     sub.add_argument("--checkpoint", required=True)
     sub.add_argument("--out", required=True, help="where the pruned checkpoint goes")
-    sub.add_argument("--groups", type=_groups, default="all", help="'all' or indices, e.g. 0,3")
+    sub.add_argument(
+        "--groups",
+        type=_groups,
+        default="all",
+        help="'all' (not a residual stream), a kind (heads, neurons, ...) or indices, e.g. 0,3",
+    )
     sub.add_argument("--sparsity", type=_sparsity, required=True)
     sub.add_argument("--method", choices=METHODS, default="intra_fusion")
     sub.add_argument("--importance", choices=ifjax.IMPORTANCES, default="l1")

@@ -76,6 +76,8 @@ METHOD_LABELS = {
     "intra_fusion": "Intra-Fusion",
     "intra_fusion_sinkhorn": "Intra-Fusion (Sinkhorn)",
     "intra_fusion_row_average": "Intra-Fusion (row average)",
+    "intra_fusion_head_values": "Intra-Fusion (heads: values only)",
+    "intra_fusion_head_map": "Intra-Fusion (heads: channel map)",
 }
 # Sweep method -> (ifjax method, settings replacing the sweep's own). "intra_fusion" uses
 # the sweep's solver; the variants fix one setting each, so that one sweep can set the
@@ -85,6 +87,8 @@ METHOD_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "intra_fusion": ("intra_fusion", {}),
     "intra_fusion_sinkhorn": ("intra_fusion", {"solver": "sinkhorn"}),
     "intra_fusion_row_average": ("intra_fusion", {"map_normalization": "row_average"}),
+    "intra_fusion_head_values": ("intra_fusion", {"head_merge": "values"}),
+    "intra_fusion_head_map": ("intra_fusion", {"head_merge": "map"}),
 }
 _PAIR = {"default", "intra_fusion"}
 # ifjax importance -> the paper's name for the numbers it produced.
@@ -103,13 +107,19 @@ def scoring_importance(importance: str, paper_lamp: bool) -> str:
 def select_groups(
     groups: Sequence[ifjax.Group], indices: str | Sequence[int]
 ) -> list[tuple[int, ifjax.Group]]:
-    """``(index, group)`` pairs for "all" or a list of group indices.
+    """``(index, group)`` pairs for "all" (every group but a transformer's residual
+    stream, as :func:`ifjax.prune`), a kind ("channels", "neurons", "heads",
+    "residual") or a list of group indices.
 
     Raises:
       ValueError: naming an index outside ``0..len(groups) - 1``.
     """
     if indices == "all":
-        return list(enumerate(groups))
+        return [(i, g) for i, g in enumerate(groups) if g.kind != "residual"]
+    if isinstance(indices, str):
+        if indices not in ifjax.GROUP_KINDS:
+            raise ValueError(f"unknown groups {indices!r}: 'all', a kind or indices")
+        return [(i, g) for i, g in enumerate(groups) if g.kind == indices]
     for index in indices:
         if not 0 <= index < len(groups):
             raise ValueError(f"unknown group {index}: the model has groups 0..{len(groups) - 1}")
