@@ -1,6 +1,7 @@
 """Writes the notebooks from their cell sources.
 
-Run ``python notebooks/make_notebooks.py --execute`` to regenerate them with outputs.
+Run ``python notebooks/make_notebooks.py --execute`` to regenerate them with outputs
+(``... --execute vit_heads.ipynb``: only that one).
 
 The notebooks tell a story with the library; they define no logic of their own.
 """
@@ -301,6 +302,161 @@ NNX_MODEL = [
     ),
 ]
 
+VIT_HEADS = [
+    (
+        "md",
+        "# Intra-Fusion on a Vision Transformer: MLP neurons and attention heads\n\n"
+        "A small ViT trained for a minute on (a slice of) the offline CIFAR-10; its groups "
+        "(MLP neurons, attention heads, the residual stream), each pruned with Default "
+        "pruning and with Intra-Fusion; how heads merge; and an NNX ViT written as users "
+        "write them, pruned to a smaller module. The measured full-size story is "
+        "`reports/datafree_vit.md`.",
+    ),
+    (
+        "code",
+        "import jax\nimport jax.numpy as jnp\nimport numpy as np\nfrom flax import nnx\n\n"
+        "import ifjax\nfrom models.vit import ViT\nfrom train import data, training\n\n"
+        "train_set = data.random_subset(data.load_dataset('cifar10_jpeg', 'train'), 10_000)\n"
+        "test_set = data.random_subset(data.load_dataset('cifar10_jpeg', 'test'), 2_000)\n"
+        "test_batches = lambda: data.batches(test_set, 500, shuffle=False, augment=False)",
+    ),
+    (
+        "md",
+        "## Train a small ViT\n\nTwo blocks of width 64, 4 heads of 16, MLP 128; AdamW, "
+        "three epochs of the warmup-cosine recipe, through the same `training.fit` as the "
+        "CNNs.",
+    ),
+    (
+        "code",
+        "model = ViT(embed_dim=64, heads=(4, 4), head_dim=16, mlp_dims=(128, 128))\n"
+        "variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))\n"
+        "steps = data.steps_per_epoch(len(train_set.labels), 128, drop_remainder=True)\n"
+        "train_batches = lambda epoch, start: data.batches(\n"
+        "    train_set, 128, shuffle=True, augment=True, epoch=epoch, drop_remainder=True,\n"
+        "    start_step=start)\n"
+        "variables, _ = training.fit(\n"
+        "    model, variables, train_batches=train_batches, eval_batches=test_batches,\n"
+        "    epochs=3, steps_per_epoch=steps, optimizer_kind='fast', optimizer='adamw',\n"
+        "    peak_lr=2e-3, weight_decay=0.05, progress_bar=False, log_every=None)\n"
+        "evaluate = lambda m, v: training.evaluate(m, v, test_batches())['top1']\n"
+        "base = evaluate(model, variables)\n"
+        "print(f'base top-1: {base:.2%}')",
+    ),
+    (
+        "md",
+        "## Groups\n\nEvery group says its kind and layer. The residual stream is "
+        "normalized by LayerNorm, so `prune(..., 'all')` leaves it out.",
+    ),
+    (
+        "code",
+        "x = jnp.zeros((1, 32, 32, 3))\n"
+        "groups = ifjax.discover_groups(model, variables, x)\n"
+        "for g in groups:\n    print(g.index, g.kind, g.layer or '(model)', g.size)",
+    ),
+    (
+        "md",
+        "## One layer at a time, both ways\n\nBoth methods keep the same heads (or "
+        "neurons); Intra-Fusion merges the others into them by optimal transport.",
+    ),
+    (
+        "code",
+        "for g in groups:\n"
+        "    if g.kind == 'residual':\n        continue\n"
+        "    row = []\n"
+        "    for method in ('default', 'intra_fusion'):\n"
+        "        small, pruned, _ = ifjax.prune(\n"
+        "            model, variables, g, sparsity=0.5, method=method, example_input=x)\n"
+        "        row.append(evaluate(small, pruned))\n"
+        "    print(f'{g.kind:>8} of {g.layer:<16} 50%: Default {row[0]:.2%}, '\n"
+        "          f'Intra-Fusion {row[1]:.2%} ({100 * (row[1] - row[0]):+.1f})')",
+    ),
+    ("md", "## Every head group, and every MLP group, at once"),
+    (
+        "code",
+        "for kind in ('heads', 'neurons'):\n"
+        "    for sparsity in (0.25, 0.5):\n"
+        "        row = []\n"
+        "        for method in ('default', 'intra_fusion'):\n"
+        "            small, pruned, _ = ifjax.prune(model, variables, kind, sparsity=sparsity,\n"
+        "                                           method=method, example_input=x)\n"
+        "            row.append(evaluate(small, pruned))\n"
+        "        print(f'all {kind:>7} at {sparsity:.0%}: Default {row[0]:.2%}, '\n"
+        "              f'Intra-Fusion {row[1]:.2%}; heads {small.heads}, MLP {small.mlp_dims}')",
+    ),
+    (
+        "md",
+        "## How heads merge\n\nA block with two heads that compute the same thing (equal "
+        "query, key and value weights), writing through different output projections. "
+        "Pruning it to one head merges them: with `head_merge='average'` (the default) "
+        "the kept head takes the mean of their query, key and value weights and the sum "
+        "of their output projections, so the model computes exactly what it did. "
+        "`'values'` keeps the kept head's query and key and merges values and outputs "
+        "only (exact here too); `'map'` sums queries and keys as the reference sums "
+        "channels, which scales the attention logits by four.",
+    ),
+    (
+        "code",
+        "pair = ViT(embed_dim=32, heads=(2,), head_dim=16, mlp_dims=(64,))\n"
+        "pair_vars = pair.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))\n"
+        "att = pair_vars['params']['block0']['attention']\n"
+        "for name in ('query', 'key', 'value'):\n"
+        "    k, b = att[name]['kernel'], att[name]['bias']\n"
+        "    att[name] = {'kernel': k.at[:, 1].set(k[:, 0]), 'bias': b.at[1].set(b[0])}\n"
+        "heads = next(g for g in ifjax.discover_groups(pair, pair_vars, x) if g.kind == 'heads')\n"
+        "images = next(test_batches())['image'][:64]\n"
+        "dense = pair.apply(pair_vars, images)\n"
+        "for rule in ifjax.HEAD_MERGES:\n"
+        "    small, pruned, plans = ifjax.prune(pair, pair_vars, heads, widths={heads.index: 1},\n"
+        "                                       example_input=x, head_merge=rule)\n"
+        "    change = float(jnp.abs(small.apply(pruned, images) - dense).max())\n"
+        "    print(f'{rule:>8}: writer map {np.asarray(plans[0].writer_map).round(2).tolist()}, '\n"
+        "          f'largest change of a logit {change:.1e}')",
+    ),
+    (
+        "md",
+        "## An NNX ViT, as users write it\n\n`nnx.MultiHeadAttention` and `nnx.Linear`; "
+        "pruned into a new, smaller module (the input is untouched) that runs and trains.",
+    ),
+    (
+        "code",
+        "class Block(nnx.Module):\n"
+        "    def __init__(self, dim, heads, hidden, *, rngs):\n"
+        "        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)\n"
+        "        self.attention = nnx.MultiHeadAttention(\n"
+        "            num_heads=heads, in_features=dim, decode=False, rngs=rngs)\n"
+        "        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)\n"
+        "        self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)\n"
+        "        self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)\n\n"
+        "    def __call__(self, x):\n"
+        "        x = x + self.attention(self.norm1(x))\n"
+        "        return x + self.fc2(nnx.gelu(self.fc1(self.norm2(x))))\n\n\n"
+        "class TinyViT(nnx.Module):\n"
+        "    def __init__(self, dim=32, depth=2, heads=4, hidden=64, *, rngs):\n"
+        "        self.embed = nnx.Conv(3, dim, (8, 8), strides=(8, 8), rngs=rngs)\n"
+        "        self.cls = nnx.Param(jnp.zeros((1, 1, dim)))\n"
+        "        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 17, dim)))\n"
+        "        self.blocks = nnx.List("
+        "[Block(dim, heads, hidden, rngs=rngs) for _ in range(depth)])\n"
+        "        self.norm = nnx.LayerNorm(dim, rngs=rngs)\n"
+        "        self.head = nnx.Linear(dim, 10, rngs=rngs)\n\n"
+        "    def __call__(self, x):\n"
+        "        x = self.embed(x)\n"
+        "        x = x.reshape(x.shape[0], -1, x.shape[-1])\n"
+        "        cls = jnp.broadcast_to(self.cls[...], (x.shape[0], 1, x.shape[-1]))\n"
+        "        x = jnp.concatenate([cls, x], axis=1) + self.pos[...]\n"
+        "        for block in self.blocks:\n"
+        "            x = block(x)\n"
+        "        return self.head(self.norm(x)[:, 0])\n\n\n"
+        "module = TinyViT(rngs=nnx.Rngs(0))\n"
+        "module.eval()\n"
+        "small_module, plans = ifjax.prune(module, 'all', sparsity=0.5, example_input=images)\n"
+        "count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))\n"
+        "print('heads:', [b.attention.num_heads for b in small_module.blocks],\n"
+        "      '| parameters:', count(module), '->', count(small_module))\n"
+        "print('logits:', small_module(images).shape)",
+    ),
+]
+
 
 def notebook(cells) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
@@ -319,15 +475,20 @@ NOTEBOOKS = {
     "datafree_sweep.ipynb": DATAFREE,
     "split_fusion.ipynb": SPLIT_FUSION,
     "nnx_model.ipynb": NNX_MODEL,
+    "vit_heads.ipynb": VIT_HEADS,
 }
 
 
 def main() -> None:
-    """Writes every notebook; with ``--execute`` runs it and keeps the outputs."""
+    """Writes every notebook (or those named, e.g. ``vit_heads.ipynb``); with
+    ``--execute`` runs it and keeps the outputs."""
     import sys
 
     execute = "--execute" in sys.argv
+    names = [a for a in sys.argv[1:] if a.endswith(".ipynb")] or list(NOTEBOOKS)
     for name, cells in NOTEBOOKS.items():
+        if name not in names:
+            continue
         nb = notebook(cells)
         if execute:
             from nbclient import NotebookClient

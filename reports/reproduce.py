@@ -67,7 +67,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         optimizer="adamw",
         peak_lr=1e-3,
         weight_decay=0.05,
-        test_subset=5000,
+        test_subset=2000,
         finetune_epochs=1,
     ),
 }

@@ -298,7 +298,11 @@ def _rules_tables(per_layer_rules, together, groups) -> list[str]:
         f"| rule | mean gain over Default, one layer at a time (l1) | all heads at once: {at} |"
     ]
     lines.append("|---|---|---|")
-    cells = {(r["group"], r["sparsity"], r["method"]): r["top1"] for r in per_layer_rules}
+    cells = {
+        (r["group"], r["sparsity"], r["method"]): r["top1"]
+        for r in per_layer_rules
+        if groups[r["group"]].kind == "heads"
+    }
     heads_at_once = {
         (r["sparsity"], r["method"]): r["top1"]
         for r in together
@@ -348,17 +352,26 @@ def vit_report() -> Path:
         gradients=gradients,
         journal=workdir / "datafree" / "layers.jsonl",
     )
-    rules = sweep.datafree_sweep(
-        model,
-        variables,
-        batches,
-        example_input=x,
-        groups=head_groups,
-        sparsities=SPARSITIES,
-        importances=("l1",),
-        methods=("default",) + HEAD_RULES,
-        journal=workdir / "datafree" / "head_rules.jsonl",
-    )
+    # the other head merge rules, and the row-averaged map on MLP neurons (l1; Default
+    # and the default rule are cells of the sweep above)
+    neuron_groups = [i for i, g in enumerate(groups) if g.kind == "neurons"]
+    variants = []
+    for chosen, methods, name in (
+        (head_groups, HEAD_RULES[1:], "head_rules"),
+        (neuron_groups, ("intra_fusion_row_average",), "row_average"),
+    ):
+        variants += sweep.datafree_sweep(
+            model,
+            variables,
+            batches,
+            example_input=x,
+            groups=chosen,
+            sparsities=SPARSITIES,
+            importances=("l1",),
+            methods=methods,
+            journal=workdir / "datafree" / f"{name}.jsonl",
+        )
+    rules = [r for r in per_layer if r["importance"] == "l1"] + variants
     together = _all_at_once(
         model, variables, groups, batches, gradients, workdir / "datafree" / "together.jsonl"
     )
@@ -380,8 +393,8 @@ def vit_report() -> Path:
         dict(r, layer=groups[r["group"]].layer, kind=groups[r["group"]].kind) for r in per_layer
     ]
     reproduce._write_rows(rows, data / "datafree_vit.csv")
-    rule_rows = [dict(r, layer=groups[r["group"]].layer) for r in rules]
-    reproduce._write_rows(rule_rows, data / "datafree_vit_head_rules.csv")
+    rule_rows = [dict(r, layer=groups[r["group"]].layer) for r in variants]
+    reproduce._write_rows(rule_rows, data / "datafree_vit_variants.csv")
     reproduce._write_rows(
         [{k: v for k, v in r.items() if k not in ("key", "kept")} for r in together],
         data / "datafree_vit_together.csv",
@@ -413,7 +426,8 @@ def _markdown(
         "Regenerate with `python reports/vit.py` (resumes; trains the model first). "
         "Raw data: [datafree_vit.csv](data/datafree_vit.csv) (one layer at a time), "
         "[datafree_vit_together.csv](data/datafree_vit_together.csv) (all layers of a "
-        "kind at once), [datafree_vit_head_rules.csv](data/datafree_vit_head_rules.csv), "
+        "kind at once), [datafree_vit_variants.csv](data/datafree_vit_variants.csv) "
+        "(other head merge rules, row-averaged map), "
         "[finetuned_vit.csv](data/finetuned_vit.csv).",
         "",
         "## The model",
@@ -470,6 +484,15 @@ def _markdown(
             mean, pos, neg, n = _mean_gain(per_layer, groups, kind, importance=importance)
             name = importance or "all"
             lines.append(f"| {KIND_LABEL[kind]} | {name} | {mean:+.2f} | {pos} | {neg} | {n} |")
+    row_average = _mean_gain(rules, groups, "neurons", method="intra_fusion_row_average")
+    reference = _mean_gain(rules, groups, "neurons", importance="l1")
+    lines += [
+        "",
+        'MLP neurons with the row-averaged map (`map_normalization="row_average"`: a kept '
+        "neuron's input weights become the mean of those it receives, not their sum), l1: "
+        f"mean gain {row_average[0]:+.2f} ({row_average[1]} better, {row_average[2]} "
+        f"worse of {row_average[3]}), against {reference[0]:+.2f} with the reference's map.",
+    ]
     lines += [
         "",
         "## All layers of a kind at once",
