@@ -204,5 +204,9 @@ def test_nnx_layernorm_and_sequential():
     assert group.size == 8
     assert group.writers[0].kernel == ("params", "layers", "0", "kernel")
     assert group.readers[0].kernel == ("params", "layers", "3", "kernel")
-    small, _ = ifjax.prune(model, "all", sparsity=0.5, example_input=jnp.ones((2, 5)))
+    # LayerNorm normalizes over the group: "all" leaves it, it is pruned when asked for
+    assert group.kind == "residual"
+    _, plans = ifjax.prune(model, "all", sparsity=0.5, example_input=jnp.ones((2, 5)))
+    assert plans == []
+    small, _ = ifjax.prune(model, group, sparsity=0.5, example_input=jnp.ones((2, 5)))
     assert small.layers[1].num_features == 4 and small(jnp.ones((2, 5))).shape == (2, 3)
