@@ -186,3 +186,24 @@ def test_failed_distributed_start_is_one_clear_line(capsys, monkeypatch):
     line = _error(capsys, ["fap", "--workdir", "w", "--distributed", "--num-processes", "2"])
     assert "jax.distributed.initialize(num_processes=2) failed" in line
     assert "coordinator_address should be defined" in line and "--coordinator-address" in line
+
+
+def test_vit_training_and_pruning_options_reach_the_jobs(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(jobs, "train", lambda **kw: seen.setdefault("train", kw) and None)
+    monkeypatch.setattr(cli, "_report_fit", lambda result: None)
+    argv = ["train", "--model", "vit", "--workdir", "w", "--optimizer", "adamw", "--lr", "1e-3"]
+    assert cli.main(OFF + argv + ["--weight-decay", "0.05", "--schedule", "fast"]) == 0
+    train = seen["train"]
+    assert (train["model"], train["optimizer"], train["peak_lr"]) == ("vit", "adamw", 1e-3)
+    assert (train["weight_decay"], train["schedule"]) == (0.05, "fast")
+
+    def prune(checkpoint, out, **kw):
+        seen["prune"] = kw
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(jobs, "prune_checkpoint", prune)
+    argv = ["prune", "--checkpoint", "c", "--out", "o", "--sparsity", "0.5", "--groups", "heads"]
+    assert "stop here" in _error(capsys, argv) and seen["prune"]["groups"] == "heads"
+    assert "--optimizer: invalid choice" in _error(capsys, ["train", "--model", "vit",
+                                                            "--workdir", "w", "--optimizer", "lion"])  # fmt: skip
