@@ -205,5 +205,5 @@ def test_vit_training_and_pruning_options_reach_the_jobs(monkeypatch, capsys):
     monkeypatch.setattr(jobs, "prune_checkpoint", prune)
     argv = ["prune", "--checkpoint", "c", "--out", "o", "--sparsity", "0.5", "--groups", "heads"]
     assert "stop here" in _error(capsys, argv) and seen["prune"]["groups"] == "heads"
-    assert "--optimizer: invalid choice" in _error(capsys, ["train", "--model", "vit",
-                                                            "--workdir", "w", "--optimizer", "lion"])  # fmt: skip
+    bad = ["train", "--model", "vit", "--workdir", "w", "--optimizer", "lion"]
+    assert "--optimizer: invalid choice" in _error(capsys, bad)
