@@ -623,12 +623,11 @@ class _Tracer:
         """Per-channel variables that entered a reduced value (LayerNorm's scale)."""
         for leaf in stat.leaves:
             shape = self.leaf_shapes[leaf]
-            dims = [d for d in act.dims if d.outer * d.inner == 1 and self.size(d.space) in shape]
-            if dims and math.prod(shape) == self.size(dims[-1].space):
-                self.attached.append(
-                    (dims[-1].space, leaf, shape.index(self.size(dims[-1].space)), None)
-                )
-            elif math.prod(shape) > 1:
+            size = math.prod(shape)
+            dims = [d for d in act.dims if d.outer * d.inner == 1 and self.size(d.space) == size]
+            if dims and size in shape:
+                self.attached.append((dims[-1].space, leaf, shape.index(size), None))
+            elif size > 1:
                 raise GraphError(
                     f"a variable of shape {shape} is combined with values reduced over "
                     "channels in a way that is not per channel"
@@ -798,7 +797,7 @@ def _entries(tracer: _Tracer, heads: set[int]) -> tuple[dict[int, _Entries], set
     for space, leaf, axis, source in tracer.attached:
         get(space).attached.append((leaf, axis, source, 1, 1))
     factored = set()
-    for factor in reversed(tracer.factors):  # merged products before the splits they undo
+    for factor in tracer.factors:
         whole = tracer.find(factor.space)
         first, second = tracer.find(factor.first), tracer.find(factor.second)
         if first in heads:
@@ -845,7 +844,7 @@ def _group(
 ) -> Group:
     writer_leaves = {leaf for _, leaf, _, _, _ in entries.writers}
     biases: dict[int, tuple[Path, tuple[int, int]]] = {}
-    modules: dict[int, dict[Path, Path]] = {}
+    modules: dict[int, dict[Path, dict[Path, Path]]] = {}  # writer leaf -> module -> leaves
     channel = set()
     for leaf, axis, source, outer, inner in entries.attached:
         p = paths[leaf]
@@ -853,7 +852,7 @@ def _group(
         if is_bias:
             biases[source] = (p, (outer, inner))
         elif source is not None:
-            modules.setdefault(source, {})[p] = p
+            modules.setdefault(source, {}).setdefault(p[1:-1], {})[p] = p
         if outer * inner == 1:
             channel.add((p, axis))
         elif not is_bias:  # a bias split into heads is merged with its writer's layout
@@ -866,8 +865,9 @@ def _group(
         bias, layout = biases.get(leaf, (None, (outer, inner)))
         if layout != (outer, inner):
             bias = None
-        norms = [bn for m in [modules.get(leaf, {})] if (bn := _batchnorm_of(m)) is not None]
-        batchnorm = norms[0] if norms and outer * inner == 1 else None
+        norms = [_batchnorm_of(m) for m in modules.get(leaf, {}).values()]
+        norms = [bn for bn in norms if bn is not None]
+        batchnorm = norms[0] if len(norms) == 1 and outer * inner == 1 else None
         role = roles.get(leaf, "") if kind == "heads" else ""
         writers.append(Writer(paths[leaf], axis, bias, batchnorm, outer, inner, role))
     readers = tuple(
