@@ -148,6 +148,8 @@ def test_method_variants_equal_the_pruners_they_name(base):
     pruners = {
         "intra_fusion_sinkhorn": ifjax.intra_fusion(0.5, solver="sinkhorn"),
         "intra_fusion_row_average": ifjax.intra_fusion(0.5, map_normalization="row_average"),
+        "intra_fusion_head_values": ifjax.intra_fusion(0.5, head_merge="values"),
+        "intra_fusion_head_map": ifjax.intra_fusion(0.5, head_merge="map"),
     }
     for row in rows[2:]:
         pruner = pruners[row["method"]]
