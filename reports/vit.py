@@ -562,10 +562,30 @@ def _markdown(
     return "\n".join(lines)
 
 
+def _layer_gains(per_layer, groups, kind: str) -> str:
+    """Mean gain of Intra-Fusion per layer of a kind (all importances and sparsities)."""
+    parts = []
+    for index, group in sorted(enumerate(groups), key=lambda t: t[1].layer):
+        if group.kind != kind:
+            continue
+        cells = {
+            (r["sparsity"], r["importance"], r["method"]): r["top1"]
+            for r in per_layer
+            if r["group"] == index
+        }
+        gains = [
+            cells[(s, i, "intra_fusion")] - v for (s, i, m), v in cells.items() if m == "default"
+        ]
+        parts.append(f"{group.layer} {np.mean(gains):+.2f}")
+    return ", ".join(parts)
+
+
 def _findings(per_layer, rules, together, groups) -> list[str]:
     neurons = _mean_gain(per_layer, groups, "neurons")
     heads = _mean_gain(per_layer, groups, "heads")
     out = [
+        f"- Mean gain per MLP layer: {_layer_gains(per_layer, groups, 'neurons')}; per "
+        f"attention layer: {_layer_gains(per_layer, groups, 'heads')}.",
         f"- One layer at a time, Intra-Fusion's mean gain over Default is {neurons[0]:+.2f} "
         f"points on MLP layers ({neurons[1]} better, {neurons[2]} worse of {neurons[3]} cells) "
         f"and {heads[0]:+.2f} on attention layers ({heads[1]} better, {heads[2]} worse of "
@@ -595,6 +615,16 @@ def _findings(per_layer, rules, together, groups) -> list[str]:
             f"{best['top1'] - base:+.1f} points ({best['importance']}, "
             f"{best['sparsity']:.0%}: {base:.1f}% -> {best['top1']:.1f}%)."
         )
+    out.append(
+        "- Why heads differ from neurons (the mechanism, not a measurement): a group has "
+        "few heads (4 here), and the paper's uniform marginals give each of the n sources "
+        "mass 1/n and each of the m kept targets 1/m. Every kept head therefore receives "
+        "mass from pruned heads, so with m < n every kept head changes: under `average` "
+        "its query and key become a mix with another head's, which moves its attention "
+        "pattern. Default pruning leaves the kept heads exactly as they were. With "
+        "hundreds of neurons per group the same mixing is spread thin, and a neuron's "
+        "contribution is closer to additive than a head's (queries and keys multiply)."
+    )
     return out
 
 
