@@ -130,7 +130,7 @@ def _throughput(model, variables, batch, repeats: int = 5) -> float:
     return batch.shape[0] / best
 
 
-def _finetune(trained, test_subset: int, batches, journal: Path) -> list[dict]:
+def _finetune(trained, batches, journal: Path) -> list[dict]:
     """All neuron and head groups at 50% (l1), physically; then a short fine-tune."""
     done = _journal_rows(journal)
     config = reproduce.SETTINGS[MODEL]
@@ -376,7 +376,7 @@ def vit_report() -> Path:
         model, variables, groups, batches, gradients, workdir / "datafree" / "together.jsonl"
     )
     sweep_seconds = time.perf_counter() - start
-    tuned = _finetune(trained, config["test_subset"], batches, workdir / "finetuned.jsonl")
+    tuned = _finetune(trained, batches, workdir / "finetuned.jsonl")
 
     # parameters and evaluation throughput, dense vs all groups at 50% (Intra-Fusion)
     small = jobs.restore(tuned[1]["checkpoint"])
@@ -591,25 +591,14 @@ def _findings(per_layer, rules, together, groups) -> list[str]:
         f"and {heads[0]:+.2f} on attention layers ({heads[1]} better, {heads[2]} worse of "
         f"{heads[3]}).",
     ]
+    top1 = {(r["kind"], r["importance"], r["sparsity"], r["method"]): r["top1"] for r in together}
     for kind in ("neurons", "heads"):
+        default = lambda r, kind=kind: top1[(kind, r["importance"], r["sparsity"], "default")]
         best = max(
             (r for r in together if r["kind"] == kind and r["method"] == "intra_fusion"),
-            key=lambda r: (
-                r["top1"]
-                - next(
-                    o["top1"]
-                    for o in together
-                    if (o["kind"], o["importance"], o["sparsity"], o["method"])
-                    == (kind, r["importance"], r["sparsity"], "default")
-                )
-            ),
+            key=lambda r, default=default: r["top1"] - default(r),
         )
-        base = next(
-            o["top1"]
-            for o in together
-            if (o["kind"], o["importance"], o["sparsity"], o["method"])
-            == (kind, best["importance"], best["sparsity"], "default")
-        )
+        base = default(best)
         out.append(
             f"- All {KIND_LABEL[kind]} groups at once: the largest gain is "
             f"{best['top1'] - base:+.1f} points ({best['importance']}, "
