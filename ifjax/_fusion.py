@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifjax._channels import channel_features
-from ifjax._graph import Group, view_groups
+from ifjax._graph import Group, resolve_segments, view_groups
 from ifjax._local import localize
 from ifjax._merge import transport_group
 from ifjax._model import ModelView, is_nnx, model_view
@@ -114,7 +114,7 @@ def _transport_local(variables, group: Group, transport):
 
 def _transport_group(variables: Any, group: Group, transport: Any) -> dict[str, Any]:
     """Applies an (n, n) map to every slice of a group (see ``ifjax._merge``)."""
-    local = localize(group)
+    local = localize(resolve_segments(variables, group))
     merged = _transport_local(local.gather(variables), local.group, jnp.asarray(transport))
     return local.scatter(variables, merged)
 
@@ -344,6 +344,12 @@ def _prepare(view: ModelView, variables_list, example_input, groups, inputs, con
     groups = tuple(groups)
     for group in groups:
         check_group(variables_list[0], group)
+        if group.partitions:
+            raise ValueError(
+                f"group {group.index} of {group.layer or 'the model'} is split into equal "
+                f"blocks ({group.partitions[0].describe()}): fusion aligns channels by "
+                "permutations across the whole group, which would mix the blocks; not supported"
+            )
     return groups
 
 

@@ -31,10 +31,13 @@ __all__ = [
     "BatchNormRef",
     "GraphError",
     "Group",
+    "Partition",
     "Reader",
+    "SizeOf",
     "Writer",
     "discover_groups",
     "path_str",
+    "resolve_segments",
     "trace_groups",
     "view_groups",
 ]
@@ -94,12 +97,19 @@ class Reader:
 
     The input axis has ``outer * size * inner`` entries; entry ``(o, c, i)`` belongs to
     channel ``c``. A Dense layer after flattening an (H, W, C) map has ``outer = H*W``.
+    A grouped convolution (``groups`` > 1) reads its input channels in ``groups`` equal
+    blocks: its kernel's input axis holds one block's channels, and block g is read by
+    the g-th block of its output axis ``output_axis``. A reader of a concatenation reads
+    the group's channels from the segment of its input axis that
+    :attr:`Group.segments` gives.
     """
 
     kernel: Path
     axis: int
     outer: int = 1
     inner: int = 1
+    groups: int = 1
+    output_axis: int = -1
 
     @property
     def module(self) -> Path:
@@ -111,6 +121,40 @@ class Reader:
 
 
 GROUP_KINDS = ("channels", "neurons", "heads", "residual")
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeOf:
+    """The current channel count of another group, read from one of its writers (the
+    kernel's ``axis`` has ``layout`` entries per channel): a segment of a concatenation
+    that comes before a group's own channels and shrinks when that group is pruned."""
+
+    kernel: Path
+    axis: int
+    layout: int = 1
+
+    def read(self, variables: Mapping[str, Any]) -> int:
+        node = variables
+        for key in self.kernel:
+            node = node[key]
+        return int(np.shape(node)[self.axis]) // self.layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """The group's channels form ``count`` equal contiguous blocks that must keep equal
+    numbers of channels: the convolution groups of a grouped convolution, or the norm
+    groups of a GroupNorm (``normalizes``: the block statistics change when channels
+    are pruned). ``layer``: the module path of the layer."""
+
+    layer: str
+    count: int
+    normalizes: bool = False
+
+    def describe(self) -> str:
+        if self.normalizes:
+            return f"the {self.count} norm groups of GroupNorm {self.layer}"
+        return f"the {self.count} convolution groups of grouped convolution {self.layer}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +176,13 @@ class Group:
         channels a LayerNorm normalizes over (a transformer's residual stream: pruning
         them changes the normalization statistics, so ``prune(..., "all")`` leaves them
         out and prunes them only when asked for).
+      partitions: equal blocks the channels are pruned in (grouped convolutions,
+        GroupNorm): every block keeps the same number of channels.
+      segments: for a variable (a reader's kernel or a per-channel variable) that holds
+        a concatenation of several groups' channels along its axis, the segments before
+        this group's: their channel counts (fixed, or :class:`SizeOf` another group,
+        read when the group is pruned). Variables not listed hold this group's channels
+        only.
     """
 
     index: int
@@ -140,6 +191,29 @@ class Group:
     readers: tuple[Reader, ...]
     channel_params: tuple[tuple[Path, int], ...]
     kind: str = "channels"
+    partitions: tuple[Partition, ...] = ()
+    segments: tuple[tuple[Path, tuple[int | SizeOf, ...]], ...] = ()
+
+    @property
+    def blocks(self) -> int:
+        """Number of equal blocks every pruning keeps equal (1: none)."""
+        return math.lcm(1, *(p.count for p in self.partitions))
+
+    @property
+    def normalized_in_blocks(self) -> bool:
+        """A GroupNorm normalizes the channels (pruning changes its statistics)."""
+        return any(p.normalizes for p in self.partitions)
+
+    def start(self, path: Path) -> int:
+        """Where the group's channels start along the axis of variable ``path`` (0 unless
+        it holds a concatenation; the group must be resolved, see
+        :func:`resolve_segments`)."""
+        for p, before in self.segments:
+            if p == path:
+                if not all(isinstance(b, int) for b in before):
+                    raise ValueError("the group's segments are not resolved: resolve_segments")
+                return sum(before)
+        return 0
 
     @property
     def layer(self) -> str:
@@ -163,6 +237,20 @@ class Group:
         r = ", ".join(path_str(x.module) for x in self.readers)
         where = f" of {self.layer}" if self.layer else ""
         return f"group {self.index} ({self.kind}{where}, n={self.size}): writes [{w}] reads [{r}]"
+
+
+def resolve_segments(variables: Mapping[str, Any], group: Group) -> Group:
+    """The group with the channel counts of the segments before its own (in
+    concatenations) read from ``variables``: its offsets then are plain integers."""
+    if not group.segments or all(
+        all(isinstance(b, int) for b in before) for _, before in group.segments
+    ):
+        return group
+    segments = tuple(
+        (path, (sum(b if isinstance(b, int) else b.read(variables) for b in before),))
+        for path, before in group.segments
+    )
+    return dataclasses.replace(group, segments=segments)
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -285,18 +373,23 @@ class _Factor:
 class _Tracer:
     """Abstract interpretation of a jaxpr over channel spaces."""
 
-    def __init__(self, leaf_shapes: Sequence[tuple[int, ...]]):
+    def __init__(self, leaf_shapes: Sequence[tuple[int, ...]], paths: Sequence[Path]):
         self.leaf_shapes = leaf_shapes
+        self.paths = paths
         self.parent: list[int] = []
         self.space_size: list[int] = []
         self.writers: list[tuple[int, int, int, int]] = []  # (space, leaf, axis, order)
-        self.readers: list[tuple[int, int, int, int, int, int]] = []
+        self.readers: list[tuple[int, int, int, int, int, int, int, int]] = []
         self.attached: list[tuple[int, int, int, int | None]] = []  # space, leaf, axis, src
         self.factors: list[_Factor] = []
         self.heads: list[int] = []  # spaces batched in a product of two activations
         self.contracted: list[int] = []  # spaces contracted in such products (q/k dims)
         self.carried: list[int] = []  # spaces carried through them (value dims)
         self.normalized: list[int] = []  # spaces reduced over (LayerNorm statistics)
+        self.reduced_in: dict[int, str] = {}  # such a space -> the layer reducing it
+        # channel concatenations: (space, ((part space or None, size), ...), location)
+        self.concats: list[tuple[int, tuple[tuple[int | None, int], ...], str]] = []
+        self.partitions: list[tuple[int, Partition]] = []  # grouped convolutions
         self.conv_leaves: set[int] = set()
         self.order = 0
 
@@ -397,28 +490,57 @@ class _Tracer:
         sub = sub.jaxpr if hasattr(sub, "jaxpr") else sub
         return self.run(sub, ins[: len(sub.invars)])
 
-    def kernel_leaf(self, a: Any, what: str) -> int:
-        if not isinstance(a, _Param) or a.direct is None:
-            raise GraphError(f"{what}: the kernel is not a plain model variable")
-        return a.direct
+    def kernel_leaf(self, a: Any, what: str, shape: Sequence[int]) -> int:
+        """The variable a layer's kernel is: the variable itself, or computed from that
+        one variable alone with its shape (a weight-standardized kernel: each output
+        channel's weights standardized; its output channels prune exactly, pruning its
+        input channels changes the standardization statistics)."""
+        if isinstance(a, _Param):
+            if a.direct is not None:
+                return a.direct
+            if len(a.leaves) == 1:
+                (leaf,) = a.leaves
+                if self.leaf_shapes[leaf] == tuple(shape):
+                    return leaf
+        raise GraphError(
+            f"{what}: the kernel is not a model variable, nor computed from one variable of "
+            "its shape (e.g. weight standardization)"
+        )
 
     def conv(self, eqn, ins) -> _Act:
+        """A convolution reads its input channels and writes a new space; a depthwise one
+        (one group per input channel) passes its channels through, its kernel (output
+        axis) joining their group as a writer; a grouped one reads and writes channels
+        in blocks (see :class:`Partition`)."""
         lhs, rhs = ins
         dn = eqn.params["dimension_numbers"]
         if not isinstance(lhs, _Act) or isinstance(rhs, _Act):
             raise GraphError("conv_general_dilated: a convolution whose kernel is an activation")
-        if eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1:
-            raise GraphError(
-                "conv_general_dilated: grouped/depthwise convolutions are not supported"
-            )
-        leaf = self.kernel_leaf(rhs, "conv_general_dilated")
+        if eqn.params["batch_group_count"] != 1:
+            raise GraphError("conv_general_dilated: batch-grouped convolutions are not supported")
+        leaf = self.kernel_leaf(rhs, "conv_general_dilated", eqn.invars[1].aval.shape)
         x = lhs.only("conv_general_dilated")
         if x.axis != dn.lhs_spec[1] or x.outer * x.inner != 1:
             raise GraphError("conv_general_dilated: input channels are not on the feature axis")
-        self.add_reader(x, leaf, dn.rhs_spec[1])
         self.conv_leaves.add(leaf)
+        groups = eqn.params["feature_group_count"]
+        channels = eqn.invars[0].aval.shape[dn.lhs_spec[1]]
         out = eqn.outvars[0].aval.shape[dn.out_spec[1]]
+        layer = path_str(self.paths[leaf][1:-1])
+        if groups > 1 and groups == channels:
+            if out != channels:
+                raise GraphError(
+                    f"conv_general_dilated: depthwise convolution {layer} with channel "
+                    f"multiplier {out // channels} (only multiplier 1 is supported)"
+                )
+            self.order += 1
+            self.writers.append((x.space, leaf, dn.rhs_spec[0], self.order))
+            return _Act((_Dim(dn.out_spec[1], x.space),), source=leaf)
+        self.add_reader(x, leaf, dn.rhs_spec[1], groups, dn.rhs_spec[0])
         space = self.add_writer(leaf, dn.rhs_spec[0], out)
+        if groups > 1:
+            partition = Partition(layer, groups)
+            self.partitions += [(x.space, partition), (space, partition)]
         return _Act((_Dim(dn.out_spec[1], space),), source=leaf)
 
     def named_conv(self, eqn, ins) -> _Act:
@@ -427,7 +549,7 @@ class _Tracer:
         rank = len(eqn.invars[0].aval.shape)
         if not isinstance(lhs, _Act) or [d.axis for d in lhs.dims] != [rank - 1]:
             raise GraphError(f"{CONVOLUTION_NAME}: expects an NHWC activation as first input")
-        leaf = self.kernel_leaf(rhs, CONVOLUTION_NAME)
+        leaf = self.kernel_leaf(rhs, CONVOLUTION_NAME, eqn.invars[1].aval.shape)
         kernel = self.leaf_shapes[leaf]
         out_shape = eqn.outvars[0].aval.shape
         if kernel[-2] != eqn.invars[0].aval.shape[-1] or kernel[-1] != out_shape[-1]:
@@ -445,9 +567,11 @@ class _Tracer:
         swap = not isinstance(x, _Act)
         if swap:
             x, k, lc, rc, lb, rb = k, x, rc, lc, rb, lb
+        if k is None:
+            return self.constant_dot(eqn, x, lc, lb, swap)
         if lb or rb:
             raise GraphError("dot_general: batched products with a kernel are not supported")
-        leaf = self.kernel_leaf(k, "dot_general")
+        leaf = self.kernel_leaf(k, "dot_general", eqn.invars[0 if swap else 1].aval.shape)
         tracked = {d.axis: d for d in x.dims}
         if any(a not in tracked for a in lc):
             raise GraphError("dot_general: contracts an axis other than the channel axis")
@@ -466,6 +590,18 @@ class _Tracer:
             for j, axis in enumerate(free)
         )
         return _Act(dims, source=leaf)
+
+    def constant_dot(self, eqn, x: _Act, lc, lb, swap: bool) -> _Act:
+        """A product with a constant over non-channel axes (``jax.image.resize``'s
+        interpolation matrices): the channels pass through."""
+        if any(d.axis in (*lc, *lb) for d in x.dims):
+            raise GraphError("dot_general: contracts the channel axis with a constant")
+        rank = len(eqn.invars[1 if swap else 0].aval.shape)
+        free = [a for a in range(rank) if a not in lc and a not in lb]
+        first = len(lb)
+        if swap:  # the activation is the right operand: after the left one's free axes
+            first += len(eqn.invars[0].aval.shape) - len(lc) - len(lb)
+        return x.mapped(lambda a: first + free.index(a))
 
     def product(self, eqn, x: _Act, y: _Act) -> _Act:
         """A product of two activations (attention: queries x keys, weights x values).
@@ -508,9 +644,13 @@ class _Tracer:
                 position += 1
         return _Act(tuple(dims))
 
-    def add_reader(self, x: _Dim, leaf: int, axis: int) -> None:
+    def add_reader(
+        self, x: _Dim, leaf: int, axis: int, groups: int = 1, output_axis: int = -1
+    ) -> None:
         self.order += 1
-        self.readers.append((x.space, leaf, axis, x.outer, x.inner, self.order))
+        self.readers.append(
+            (x.space, leaf, axis, x.outer, x.inner, self.order, groups, output_axis)
+        )
 
     def add_writer(self, leaf: int, axis: int, size: int) -> int:
         self.order += 1
@@ -567,13 +707,28 @@ class _Tracer:
 
     def concatenate(self, eqn, ins) -> _Act:
         """Along a non-channel axis (a class token before the patches): the pieces share
-        their channels; variables among them (the token) are per-channel variables."""
+        their channels; variables among them (the token) are per-channel variables.
+        Along the channel axis: a new space made of segments, each the channels of its
+        piece (constants, e.g. zero channels, are segments of no group)."""
         axis = eqn.params["dimension"]
         acts = [a for a in ins if isinstance(a, _Act)]
         if any(a.at(axis) is not None for a in acts):
-            raise GraphError(
-                "concatenate: concatenation of activations along channels is not supported"
-            )
+            parts = []
+            for v, a in zip(eqn.invars, ins, strict=True):
+                size = int(v.aval.shape[axis])
+                if a is None:
+                    parts.append((None, size))
+                    continue
+                d = a.at(axis) if isinstance(a, _Act) else None
+                if d is None or len(a.dims) != 1 or d.outer * d.inner != 1:
+                    raise GraphError(
+                        "concatenate: joins channels of activations with variables or with "
+                        "activations of other channel axes"
+                    )
+                parts.append((d.space, size))
+            space = self.new_space(sum(size for _, size in parts))
+            self.concats.append((space, tuple(parts), _location(eqn)))
+            return _Act((_Dim(axis, space),))
         dims = self.merge("concatenate", acts)
         result = _Act(dims)
         rank = len(eqn.outvars[0].aval.shape)
@@ -732,8 +887,20 @@ class _Tracer:
                 outer.outer * n_outer,
             ):
                 raise GraphError(f"reshape {old} -> {new}: merges channel axes")
-            space = self.new_space(n_outer * n_inner)
-            self.factors.append(_Factor(space, outer.space, inner.space, None))
+            split = next(
+                (
+                    f
+                    for f in self.factors
+                    if (self.find(f.first), self.find(f.second))
+                    == (self.find(outer.space), self.find(inner.space))
+                ),
+                None,
+            )
+            if split is not None:  # merged back as it was split: the same channels
+                space = self.find(split.space)
+            else:
+                space = self.new_space(n_outer * n_inner)
+                self.factors.append(_Factor(space, outer.space, inner.space, None))
             dims.append(_Dim(axis, space, outer.outer, inner.inner))
         return _Act(tuple(dims))
 
@@ -749,6 +916,8 @@ class _Tracer:
             if any(d.outer * d.inner != 1 for d in reduced):
                 raise GraphError(f"{eqn.primitive.name}: reduces over the channel axis")
             self.normalized.extend(d.space for d in reduced)
+            for d in reduced:
+                self.reduced_in[d.space] = str(eqn.source_info.name_stack)
             return _STAT
         return x.mapped(lambda a: a - sum(r < a for r in axes))
 
@@ -772,17 +941,29 @@ def _batchnorm_of(module_leaves: dict[str, Path]) -> BatchNormRef | None:
 
 @dataclasses.dataclass
 class _Entries:
-    """What touches one space (a union-find root), layouts included."""
+    """What touches one space (a union-find root), layouts included. ``segments``: for
+    a leaf reading this space from a concatenation, the pieces before it
+    ((root or None, size), ...)."""
 
     writers: list[tuple[int, int, int, int, int]] = dataclasses.field(default_factory=list)
-    readers: list[tuple[int, int, int, int, int]] = dataclasses.field(default_factory=list)
+    readers: list[tuple[int, int, int, int, int, int, int]] = dataclasses.field(
+        default_factory=list
+    )
     attached: list[tuple[int, int, int | None, int, int]] = dataclasses.field(default_factory=list)
+    segments: dict[int, tuple[tuple[int | None, int], ...]] = dataclasses.field(
+        default_factory=dict
+    )
+    partitions: set[Partition] = dataclasses.field(default_factory=set)
 
     def add(self, other: _Entries, outer: int, inner: int) -> None:
         """Adds ``other``'s entries with their layouts refined by (outer, inner)."""
         self.writers += [(o, lf, ax, a * outer, b * inner) for o, lf, ax, a, b in other.writers]
-        self.readers += [(o, lf, ax, a * outer, b * inner) for o, lf, ax, a, b in other.readers]
+        self.readers += [
+            (o, lf, ax, a * outer, b * inner, g, oa) for o, lf, ax, a, b, g, oa in other.readers
+        ]
         self.attached += [(lf, ax, s, a * outer, b * inner) for lf, ax, s, a, b in other.attached]
+        if other.segments or other.partitions:
+            raise GraphError("attention heads made of concatenated or grouped channels")
 
 
 def _entries(tracer: _Tracer, heads: set[int]) -> tuple[dict[int, _Entries], set[int]]:
@@ -792,10 +973,14 @@ def _entries(tracer: _Tracer, heads: set[int]) -> tuple[dict[int, _Entries], set
     get = lambda s: entries.setdefault(tracer.find(s), _Entries())
     for space, leaf, axis, order in tracer.writers:
         get(space).writers.append((order, leaf, axis, 1, 1))
-    for space, leaf, axis, outer, inner, order in tracer.readers:
-        get(space).readers.append((order, leaf, axis, outer, inner))
+    for space, leaf, axis, outer, inner, order, groups, output_axis in tracer.readers:
+        get(space).readers.append((order, leaf, axis, outer, inner, groups, output_axis))
     for space, leaf, axis, source in tracer.attached:
         get(space).attached.append((leaf, axis, source, 1, 1))
+    for space, partition in tracer.partitions:
+        get(space).partitions.add(partition)
+    normalized = {tracer.find(s) for s in tracer.normalized}
+    reduced_in = {tracer.find(s): layer for s, layer in tracer.reduced_in.items()}
     factored = set()
     for factor in tracer.factors:
         whole = tracer.find(factor.space)
@@ -804,6 +989,11 @@ def _entries(tracer: _Tracer, heads: set[int]) -> tuple[dict[int, _Entries], set
             target, layout = first, (1, tracer.space_size[second])
         elif second in heads:
             target, layout = second, (tracer.space_size[first], 1)
+        elif second in normalized and first not in normalized:
+            # split into (norm groups, channels per group), statistics per norm group
+            partition = Partition(reduced_in[second], tracer.space_size[first], normalizes=True)
+            get(whole).partitions.add(partition)
+            continue
         elif factor.error is not None:
             raise GraphError(factor.error, located=True)
         else:
@@ -812,6 +1002,61 @@ def _entries(tracer: _Tracer, heads: set[int]) -> tuple[dict[int, _Entries], set
             entries.setdefault(target, _Entries()).add(entries.pop(whole), *layout)
         factored.add(whole)
     return entries, factored
+
+
+def _concatenations(tracer: _Tracer) -> dict[int, tuple[list[tuple[int | None, int]], str]]:
+    """Each concatenation's root -> its pieces (root of a group's channels, or None for
+    constants; size), nested concatenations flattened, and its location."""
+    direct: dict[int, tuple[tuple[tuple[int | None, int], ...], str]] = {}
+    for space, parts, where in tracer.concats:
+        root = tracer.find(space)
+        if root in direct:
+            raise GraphError(f"concatenate: adds two concatenations of channels ({where})", True)
+        direct[root] = (parts, where)
+
+    def pieces(root: int) -> list[tuple[int | None, int]]:
+        out: list[tuple[int | None, int]] = []
+        for part, size in direct[root][0]:
+            r = None if part is None else tracer.find(part)
+            out += pieces(r) if r in direct else [(r, size)]
+        return out
+
+    flat = {root: (pieces(root), where) for root, (_, where) in direct.items()}
+    for parts, where in flat.values():
+        roots = [r for r, _ in parts if r is not None]
+        if len(set(roots)) != len(roots):
+            raise GraphError(f"concatenate: concatenates the same channels twice ({where})", True)
+    return flat
+
+
+def _distribute(entries: dict[int, _Entries], concats: Mapping[int, Any]) -> None:
+    """Moves what reads a concatenation to the groups of its pieces, with the pieces
+    before each as its segment."""
+    for root, (parts, where) in concats.items():
+        found = entries.pop(root, None)
+        if found is None:
+            continue
+        if found.writers:
+            raise GraphError(
+                "concatenate: a concatenation of channels is combined with a layer's output "
+                f"(e.g. added to it) ({where})",
+                True,
+            )
+        if found.partitions or any(g > 1 for *_, g, _ in found.readers):
+            raise GraphError(
+                f"concatenate: a grouped convolution or GroupNorm reads a concatenation ({where})",
+                True,
+            )
+        for i, (piece, _) in enumerate(parts):
+            if piece is None:
+                continue
+            target = entries.setdefault(piece, _Entries())
+            for reader in found.readers:
+                target.readers.append(reader)
+                target.segments[reader[1]] = tuple(parts[:i])
+            for attached in found.attached:
+                target.attached.append(attached)
+                target.segments[attached[0]] = tuple(parts[:i])
 
 
 def _roles(tracer: _Tracer, heads: set[int]) -> dict[int, str]:
@@ -835,12 +1080,12 @@ def _roles(tracer: _Tracer, heads: set[int]) -> dict[int, str]:
 
 
 def _group(
-    tracer: _Tracer,
     paths: list[Path],
     entries: _Entries,
     size: int,
     kind: str,
     roles: Mapping[int, str],
+    sizes: Mapping[int, SizeOf],
 ) -> Group:
     writer_leaves = {leaf for _, leaf, _, _, _ in entries.writers}
     biases: dict[int, tuple[Path, tuple[int, int]]] = {}
@@ -871,10 +1116,22 @@ def _group(
         role = roles.get(leaf, "") if kind == "heads" else ""
         writers.append(Writer(paths[leaf], axis, bias, batchnorm, outer, inner, role))
     readers = tuple(
-        Reader(paths[leaf], axis, outer, inner)
-        for _, leaf, axis, outer, inner in sorted(entries.readers)
+        Reader(paths[leaf], axis, outer, inner, groups, output_axis)
+        for _, leaf, axis, outer, inner, groups, output_axis in sorted(entries.readers)
     )
-    return Group(0, size, tuple(writers), readers, tuple(sorted(channel)), kind)
+    segments = tuple(
+        sorted(
+            (paths[leaf], tuple(size if r not in sizes else sizes[r] for r, size in before))
+            for leaf, before in entries.segments.items()
+        )
+    )
+    partitions = tuple(sorted(entries.partitions, key=lambda p: (p.layer, p.count)))
+    for partition in partitions:
+        if size % partition.count:
+            raise GraphError(f"{partition.describe()}: {size} channels are not divisible")
+    return Group(
+        0, size, tuple(writers), readers, tuple(sorted(channel)), kind, partitions, segments
+    )
 
 
 def _build_groups(tracer: _Tracer, paths: list[Path], excluded: set[int]) -> list[Group]:
@@ -883,10 +1140,22 @@ def _build_groups(tracer: _Tracer, paths: list[Path], excluded: set[int]) -> lis
     roles = _roles(tracer, heads)
     normalized = {tracer.find(s) for s in tracer.normalized}
     entries, factored = _entries(tracer, heads)
+    concats = _concatenations(tracer)
+    for root, (parts, _) in concats.items():
+        if root in excluded:  # a concatenation is the output: so are its pieces
+            excluded |= {r for r, _ in parts if r is not None}
+    _distribute(entries, concats)
+    found_groups = {
+        root: found
+        for root, found in entries.items()
+        if found.writers and root not in excluded | factored | head_dims
+    }
+    sizes = {}  # where each group's current channel count can be read
+    for root, found in found_groups.items():
+        _, leaf, axis, outer, inner = min(found.writers)
+        sizes[root] = SizeOf(paths[leaf], axis, outer * inner)
     groups = []
-    for root, found in entries.items():
-        if root in excluded or root in factored or root in head_dims or not found.writers:
-            continue
+    for root, found in found_groups.items():
         if root in heads:
             kind = "heads"
         elif root in normalized:
@@ -895,7 +1164,7 @@ def _build_groups(tracer: _Tracer, paths: list[Path], excluded: set[int]) -> lis
             kind = "neurons"
         else:
             kind = "channels"
-        group = _group(tracer, paths, found, tracer.space_size[root], kind, roles)
+        group = _group(paths, found, tracer.space_size[root], kind, roles, sizes)
         last = max(order for order, *_ in found.writers)
         groups.append((last, group))
     groups.sort(key=lambda t: -t[0])
@@ -933,7 +1202,7 @@ def trace_groups(
             f"cannot trace {what} on an input of shape {x_abstract.shape}: "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}{hint}"
         ) from error
-    tracer = _Tracer(shapes)
+    tracer = _Tracer(shapes, paths)
     input_space = tracer.new_space(int(x_abstract.shape[-1]))
     env = [_Param(frozenset([i]), i) for i in range(len(leaves))]
     env.append(_Act((_Dim(len(x_abstract.shape) - 1, input_space),)))
@@ -963,9 +1232,10 @@ def discover_groups(
     in evaluation mode: ``module.eval()``).
 
     Args:
-      model: a Flax Linen or NNX module, built from convolutions, Dense/Linear layers,
-        BatchNorm, LayerNorm, residual additions, pooling, means, dropout, elementwise
-        activations and flatten, auto-named or not, in ``Sequential`` or not.
+      model: a Flax Linen or NNX module, built from convolutions (depthwise and grouped
+        ones too), Dense/Linear layers, attention, BatchNorm, LayerNorm, GroupNorm,
+        residual additions, concatenations, pooling, means, resizing, dropout,
+        elementwise activations and flatten, auto-named or not, in ``Sequential`` or not.
       *args: the Linen module's variables (``{"params": ..., "batch_stats": ...}``) and
         an input batch, or the NNX module's input batch (only shape and dtype are used).
       apply_kwargs: extra arguments of every ``model.apply`` (e.g. ``{"train": False}``).
@@ -978,8 +1248,9 @@ def discover_groups(
 
     Raises:
       GraphError: the model cannot be traced with these arguments, or contains an
-        operation the analysis cannot handle (a concatenation of channels, a grouped
-        convolution, GroupNorm, ...); the message names the operation and the layer.
+        operation the analysis cannot handle (a depthwise convolution with a channel
+        multiplier, a concatenation added to a layer's output, a kernel computed from
+        several variables, ...); the message names the operation and the layer.
 
     Example:
       >>> groups = discover_groups(model, variables, jnp.zeros((1, 32, 32, 3)))

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ifjax._channels import group_size, reader_rows, writer_rows
-from ifjax._graph import Group
+from ifjax._channels import group_reader_rows, group_size, writer_rows
+from ifjax._graph import Group, resolve_segments
 from ifjax._model import as_variables, view_and_input
 from ifjax._tree import tree_get
 
@@ -26,15 +26,16 @@ IMPORTANCES = ("l1", "l2", "lamp", "lamp_released", "taylor", "random")
 
 def _per_layer(variables, group, n, row_score, include_flattened: bool) -> list[jnp.ndarray]:
     vectors = [row_score(writer_rows(variables, w), w.kernel) for w in group.writers]
-    for r in group.readers:
+    for r, rows in zip(group.readers, group_reader_rows(variables, group, n), strict=True):
         if include_flattened or not r.flattened:
-            vectors.append(row_score(reader_rows(variables, r, n), r.kernel))
+            vectors.append(row_score(rows, r.kernel))
     return vectors
 
 
 def _grad_rows(gradients, group, n):
     rows = {w.kernel: writer_rows(gradients, w) for w in group.writers}
-    rows.update({r.kernel: reader_rows(gradients, r, n) for r in group.readers})
+    readers = group_reader_rows(gradients, group, n)
+    rows.update({r.kernel: x for r, x in zip(group.readers, readers, strict=True)})
     return rows
 
 
@@ -75,6 +76,7 @@ def group_importance(
       key: PRNG key (random only).
     """
     variables, _ = as_variables(variables)
+    group = resolve_segments(variables, group)
     n = group_size(variables, group)
     if importance in ("l1", "l2"):
         p = 1 if importance == "l1" else 2

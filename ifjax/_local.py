@@ -17,7 +17,7 @@ import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ifjax._graph import BatchNormRef, Group, Reader, Writer
+from ifjax._graph import BatchNormRef, Group, Writer
 from ifjax._tree import Path, tree_get, tree_replace
 
 __all__ = ["LocalGroup", "localize"]
@@ -89,7 +89,8 @@ class LocalGroup:
 
 @functools.cache
 def localize(group: Group) -> LocalGroup:
-    """Relabels a group's paths canonically (see the module docstring)."""
+    """Relabels a group's paths canonically (see the module docstring); the group's
+    segments must be resolved (:func:`~ifjax._graph.resolve_segments`)."""
     modules: dict[Path, str] = {}
     canonical: dict[Path, Path] = {}
     for path in _group_paths(group):
@@ -110,8 +111,10 @@ def localize(group: Group) -> LocalGroup:
         index=0,
         size=group.size,
         writers=tuple(writer(w) for w in group.writers),
-        readers=tuple(Reader(rename(r.kernel), r.axis, r.outer, r.inner) for r in group.readers),
+        readers=tuple(dataclasses.replace(r, kernel=rename(r.kernel)) for r in group.readers),
         channel_params=tuple((rename(p), axis) for p, axis in group.channel_params),
         kind=group.kind,
+        partitions=group.partitions,
+        segments=tuple((rename(p), b) for p, b in group.segments if p in canonical),
     )
     return LocalGroup(local, tuple(canonical.items()))

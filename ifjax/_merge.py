@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ifjax._graph import Group
+from ifjax._graph import Group, Reader, Writer, resolve_segments
 from ifjax._tree import Path, tree_get, tree_replace
 
 __all__ = [
@@ -33,6 +33,57 @@ _MASKED_FILL = {"var": 1.0}
 
 # ``rule(path, value, axis) -> new value`` of a per-channel variable
 ChannelRule = Callable[[Path, jnp.ndarray, int], jnp.ndarray]
+
+
+def _on_segment(x, axis: int, outer: int, inner: int, start: int, n: int, fn):
+    """``fn`` applied to the n channels from ``start`` of axis ``axis`` of ``x`` (laid
+    out as outer, total, inner: a concatenation), the other segments left as they are;
+    ``fn`` of ``x`` itself when the axis holds exactly those n channels."""
+    total = x.shape[axis] // (outer * inner)
+    if total == n:
+        return fn(x)
+    moved = jnp.moveaxis(x, axis, 0)
+    rest = moved.shape[1:]
+    blocks = moved.reshape((outer, total, inner) + rest)
+    segment = jnp.moveaxis(blocks[:, start : start + n].reshape((-1,) + rest), 0, axis)
+    new = jnp.moveaxis(fn(segment), axis, 0).reshape((outer, -1, inner) + rest)
+    joined = jnp.concatenate([blocks[:, :start], new, blocks[:, start + n :]], axis=1)
+    return jnp.moveaxis(joined.reshape((-1,) + rest), 0, axis)
+
+
+def _apply_grouped(matrix: jnp.ndarray, x: jnp.ndarray, reader: Reader) -> jnp.ndarray:
+    """Applies a block-diagonal ``matrix`` (m, n) (one block per convolution group) to
+    the input axis of a grouped convolution's kernel ``x``: block g maps the input rows
+    of output block g."""
+    g = reader.groups
+    m, n = matrix.shape
+    k = jnp.moveaxis(x, (reader.axis, reader.output_axis), (0, 1))
+    per_block, out = k.shape[:2]
+    k = k.reshape((per_block, g, out // g) + k.shape[2:])
+    index = jnp.arange(g)
+    diagonal = matrix.reshape(g, m // g, g, n // g)[index, :, index, :]  # (g, m/g, n/g)
+    merged = jnp.einsum("gki,igo...->kgo...", diagonal, k)
+    merged = merged.reshape((m // g, out) + merged.shape[3:])
+    return jnp.moveaxis(merged, (0, 1), (reader.axis, reader.output_axis))
+
+
+def apply_to_layer(
+    matrix: jnp.ndarray, x: jnp.ndarray, group: Group, layer: Writer | Reader
+) -> jnp.ndarray:
+    """Applies ``matrix`` (m, n) to the group's channels in a writer's or reader's
+    kernel ``x`` (a resolved group: see :func:`~ifjax._graph.resolve_segments`)."""
+    if isinstance(layer, Reader) and layer.groups > 1:
+        return _apply_grouped(matrix, x, layer)
+    start = group.start(layer.kernel) if isinstance(layer, Reader) else 0
+    return _on_segment(
+        x,
+        layer.axis,
+        layer.outer,
+        layer.inner,
+        start,
+        matrix.shape[1],
+        lambda segment: _apply_axis(matrix, segment, layer.axis, layer.outer, layer.inner),
+    )
 
 
 def _apply_axis(matrix: jnp.ndarray, x: jnp.ndarray, axis: int, outer: int = 1, inner: int = 1):
@@ -80,23 +131,27 @@ def apply_maps(
     Returns:
       ``variables`` with the group's arrays replaced (m channels); the input is unchanged.
     """
+    group = resolve_segments(variables, group)
     updates: dict[Path, jnp.ndarray] = {}
     merged_vectors: set[Path] = set()
     for w in group.writers:
         matrix = writer_map
         if query_key_map is not None and w.role == "query_key":
             matrix = query_key_map
-        kernel = tree_get(variables, w.kernel)
-        updates[w.kernel] = _apply_axis(matrix, kernel, w.axis, w.outer, w.inner)
+        updates[w.kernel] = apply_to_layer(matrix, tree_get(variables, w.kernel), group, w)
         for path in filter(None, (w.bias, w.batchnorm.bias if w.batchnorm else None)):
             updates[path] = _apply_axis(matrix, tree_get(variables, path), 0, w.outer, w.inner)
             merged_vectors.add(path)
     for r in group.readers:
-        kernel = tree_get(variables, r.kernel)
-        updates[r.kernel] = _apply_axis(reader_map, kernel, r.axis, r.outer, r.inner)
+        updates[r.kernel] = apply_to_layer(reader_map, tree_get(variables, r.kernel), group, r)
+    n = writer_map.shape[1]
     for path, axis in group.channel_params:
         if path not in merged_vectors:
-            updates[path] = rule(path, tree_get(variables, path), axis)
+            value = tree_get(variables, path)
+            start = group.start(path)
+            updates[path] = _on_segment(
+                value, axis, 1, 1, start, n, lambda v, p=path, a=axis: rule(p, v, a)
+            )
     return tree_replace(variables, updates)
 
 
@@ -172,12 +227,16 @@ def transport_group(
     exactly ``var`` permuted when ``T`` is a permutation.
     """
     params = dict(group.channel_params)
+    group = resolve_segments(variables, group)
+    n = transport.shape[1]
 
     def mix(path, value, axis):
         mixed = _apply_axis(transport, value, axis)
         mean_path = path[:-1] + ("mean",)
         if path[0] == "batch_stats" and path[-1] == "var" and mean_path in params:
             mean = tree_get(variables, mean_path)
+            if mean.shape[axis] != n:  # the group's segment of a concatenation
+                mean = jax.lax.dynamic_slice_in_dim(mean, group.start(mean_path), n, axis)
             spread = _apply_axis(transport, mean**2, axis) - _apply_axis(transport, mean, axis) ** 2
             mixed = mixed + jnp.maximum(spread, 0.0)
         return mixed
@@ -190,13 +249,18 @@ def select_kernel_channels(
 ) -> dict[str, Any]:
     """The group's kernels of ``tree`` (e.g. a gradients tree, which has no BatchNorm
     statistics) sliced to the kept channels ``keep`` (m,)."""
+    group = resolve_segments(tree, group)
     updates = {}
+    n = None
     for layer in (*group.writers, *group.readers):
         kernel = tree_get(tree, layer.kernel)
-        if layer.outer * layer.inner == 1:
-            updates[layer.kernel] = jnp.take(kernel, keep, axis=layer.axis)
+        if n is None:  # the first writer holds exactly the group's channels
+            n = kernel.shape[layer.axis] // (layer.outer * layer.inner)
+        if layer.outer * layer.inner == 1 and not (isinstance(layer, Reader) and layer.groups > 1):
+            start = group.start(layer.kernel) if isinstance(layer, Reader) else 0
+            take = lambda x, a=layer.axis: jnp.take(x, keep, axis=a)
+            updates[layer.kernel] = _on_segment(kernel, layer.axis, 1, 1, start, n, take)
             continue
-        n = kernel.shape[layer.axis] // (layer.outer * layer.inner)
         selection = jax.nn.one_hot(keep, n, dtype=kernel.dtype)
-        updates[layer.kernel] = _apply_axis(selection, kernel, layer.axis, layer.outer, layer.inner)
+        updates[layer.kernel] = apply_to_layer(selection, kernel, group, layer)
     return tree_replace(tree, updates)

@@ -145,7 +145,7 @@ def _linen_view(model: nn.Module, variables: dict[str, Any], kwargs: dict) -> Mo
     def rebuild(v):
         if hasattr(model, "for_variables"):
             return model.for_variables(v)
-        return pruned_linen_module(model, v)
+        return pruned_linen_module(model, v, variables)
 
     return ModelView(model, variables, apply, capture, rebuild, "linen", _items(kwargs))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._channels import channel_features, group_size
-from ifjax._graph import GROUP_KINDS, GraphError, Group, view_groups
+from ifjax._graph import GROUP_KINDS, GraphError, Group, resolve_segments, view_groups
 from ifjax._importance import IMPORTANCES, group_importance
 from ifjax._local import localize
 from ifjax._merge import masked_maps, merge_group, merge_group_masked, select_kernel_channels
@@ -126,20 +127,42 @@ class _GroupProblem(NamedTuple):
     transport: TransportProblem | None
 
 
-@functools.partial(jax.jit, static_argnames=("m", "marginal", "target"))
-def _problem(scores, features, a, m: int, marginal: str | None, target: str) -> _GroupProblem:
+@functools.partial(jax.jit, static_argnames=("m", "marginal", "target", "blocks"))
+def _problem(
+    scores, features, a, m: int, marginal: str | None, target: str, blocks: int = 1
+) -> _GroupProblem:
     """Keep set and (for Intra-Fusion) the transport problem (cost, marginals) of one
-    group at m channels."""
+    group at m channels. With ``blocks`` > 1 (see :class:`ifjax.Partition`) every block
+    keeps its ``m / blocks`` most important channels and its channels are transported
+    onto its own kept ones only: one problem per block, stacked, each block's masses
+    rescaled to sum to one (the map, mass received over mass sent, is unchanged)."""
     n = scores.shape[0]
-    keep = jnp.sort(jnp.argsort(scores, stable=True)[n - m :])
+    if blocks == 1:
+        keep = jnp.sort(jnp.argsort(scores, stable=True)[n - m :])
+    else:
+        per, kept = n // blocks, m // blocks
+        order = jnp.argsort(scores.reshape(blocks, per), axis=1, stable=True)[:, per - kept :]
+        keep = jnp.sort(order + per * jnp.arange(blocks)[:, None], axis=1).reshape(m)
     if marginal is None:
         return _GroupProblem(keep, scores, None)
     features = normalize_rows(features)
     targets = features[keep]
-    if target == "centroids":
-        targets = _kmeans(features, targets)
     _, b = marginals(marginal, scores, keep)
-    return _GroupProblem(keep, scores, transport_problem(l1_cost(features, targets), a, b))
+    if blocks == 1:
+        if target == "centroids":
+            targets = _kmeans(features, targets)
+        return _GroupProblem(keep, scores, transport_problem(l1_cost(features, targets), a, b))
+    split = lambda x: x.reshape((blocks, -1) + x.shape[1:])
+    features, targets = split(features), split(targets)
+    if target == "centroids":
+        targets = jax.vmap(_kmeans)(features, targets)
+    a, b = split(a), split(b)
+    problem = TransportProblem(
+        jax.vmap(l1_cost)(features, targets),
+        a / jnp.sum(a, axis=1, keepdims=True),
+        b / jnp.sum(b, axis=1, keepdims=True),
+    )
+    return _GroupProblem(keep, scores, problem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +180,18 @@ def _solve(config: _Solving, problem: _GroupProblem) -> PrunePlan:
     if config.method == "default":
         selection = jax.nn.one_hot(keep, scores.shape[0], dtype=jnp.float32)
         return PrunePlan(keep, scores, selection, selection, jnp.array(True), jnp.array(0.0))
-    result = transport.solve(config.solver)
-    reader_map = transport_map(result.plan, transport.a)
+    if transport.cost.ndim == 3:  # one problem per block: a block-diagonal map
+        result = jax.vmap(lambda p: p.solve(config.solver))(transport)
+        maps = jax.vmap(transport_map)(result.plan, transport.a)
+        reader_map = jax.scipy.linalg.block_diag(*maps)
+        result = dataclasses.replace(
+            result,
+            converged=jnp.all(result.converged),
+            marginal_error=jnp.max(result.marginal_error),
+        )
+    else:
+        result = transport.solve(config.solver)
+        reader_map = transport_map(result.plan, transport.a)
     writer_map = reader_map
     if config.map_normalization == "row_average":
         writer_map = reader_map / jnp.sum(reader_map, axis=1, keepdims=True)
@@ -222,6 +255,7 @@ class _Config:
     solver: Solver | None
     map_normalization: str
     head_merge: str = "average"
+    round_to: int = 1
 
     @property
     def solving(self) -> _Solving:
@@ -258,32 +292,58 @@ def _what(group: Group, n: int) -> str:
     return f"group {group.index} ({n} {unit}{where})"
 
 
-def _kept(n: int, sparsity: float | None, width: int | None, group: Group) -> int:
-    """Channels kept in a group of n: ``width`` if given, else from the sparsity."""
-    if width is None:
-        if sparsity is None:
-            raise ValueError(f"{_what(group, n)}: give a width, the pruner has no sparsity")
-        check_sparsity(sparsity)
-        m = int(n * (1 - sparsity))
-        if m < 1:
+def _kept(
+    n: int, sparsity: float | None, width: int | None, group: Group, round_to: int = 1
+) -> int:
+    """Channels kept in a group of n: ``width`` if given, else from the sparsity
+    (``int(n * (1 - s))``, the reference's truncation). With ``round_to`` k > 1, the
+    multiple of k nearest ``n * (1 - s)``, at least k and less than n. A group in
+    blocks (:attr:`Group.partitions`) keeps a multiple of its block count (rounded
+    down, at least one per block)."""
+    blocks = group.blocks
+    unit = math.lcm(round_to, blocks)
+    why = " and ".join(
+        ([f"round_to={round_to}"] if round_to > 1 else [])
+        + [p.describe() for p in group.partitions]
+    )
+    if width is not None:
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n:
             raise ValueError(
-                f"sparsity {sparsity} would prune every one of {_what(group, n)}; at least "
-                "one must stay"
+                f"{_what(group, n)}: width {width!r} is not in 1..{n} (pruning all of them is "
+                "not possible)"
             )
-        return m
-    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n:
+        if width % unit:
+            raise ValueError(
+                f"{_what(group, n)}: width {width} is not a multiple of {unit}, as {why} requires"
+            )
+        return width
+    if sparsity is None:
+        raise ValueError(f"{_what(group, n)}: give a width, the pruner has no sparsity")
+    check_sparsity(sparsity)
+    m = int(n * (1 - sparsity))
+    if round_to > 1:
+        largest = (n - 1) // unit * unit  # never the whole group
+        if largest < unit:
+            raise ValueError(
+                f"{_what(group, n)}: cannot keep a multiple of {unit} ({why}) that is neither "
+                f"zero nor all {n}: round_to is too large for this group"
+            )
+        nearest = unit * math.floor(n * (1 - sparsity) / unit + 0.5)
+        return min(max(nearest, unit), largest)
+    if m < 1 and blocks == 1:
         raise ValueError(
-            f"{_what(group, n)}: width {width!r} is not in 1..{n} (pruning all of them is "
-            "not possible)"
+            f"sparsity {sparsity} would prune every one of {_what(group, n)}; at least "
+            "one must stay"
         )
-    return width
+    return max(m // blocks * blocks, blocks)
 
 
 def _pruner(config: _Config) -> Pruner:
     def problem(variables, group, gradients, key, scores=None, width=None):
         check_group(variables, group)
+        group = resolve_segments(variables, group)
         n = group_size(variables, group)
-        m = _kept(n, config.sparsity, width, group)
+        m = _kept(n, config.sparsity, width, group, config.round_to)
         if scores is not None:
             scores = jnp.asarray(scores, jnp.float32)
             if scores.shape != (n,):
@@ -309,7 +369,7 @@ def _pruner(config: _Config) -> Pruner:
                 key,
                 scores,
             )
-        return _problem(scores, features, a, m, marginal, config.target)
+        return _problem(scores, features, a, m, marginal, config.target, group.blocks)
 
     def plan(variables, group, *, width=None, gradients=None, key=None, scores=None):
         variables, _ = as_variables(variables)
@@ -327,7 +387,8 @@ def _pruner(config: _Config) -> Pruner:
             problems.append(problem(variables, group, gradients, group_key, width=width))
         buckets: dict[tuple, list[int]] = {}
         for i, p in enumerate(problems):
-            buckets.setdefault((p.scores.shape[0], p.keep.shape[0]), []).append(i)
+            shape = None if p.transport is None else p.transport.cost.shape
+            buckets.setdefault((p.scores.shape[0], p.keep.shape[0], shape), []).append(i)
         plans: list[Any] = [None] * len(problems)
         for members in buckets.values():
             solved = _solve_batch(config.solving, tuple(problems[i] for i in members))
@@ -338,11 +399,19 @@ def _pruner(config: _Config) -> Pruner:
     def apply(variables, group, plan, *, masked=False):
         variables, give_back = as_variables(variables)
         check_group(variables, group)
+        group = resolve_segments(variables, group)
         if masked and group.kind == "residual":
             raise ValueError(
                 f"{_what(group, group.size)} is normalized by LayerNorm: its masked form "
                 "(zeros in place) is not the pruned model, whose LayerNorm averages over "
                 "fewer channels; prune it physically (masked=False)"
+            )
+        if masked and group.normalized_in_blocks:
+            norms = ", ".join(p.layer for p in group.partitions if p.normalizes)
+            raise ValueError(
+                f"{_what(group, group.size)} is normalized by GroupNorm ({norms}): its masked "
+                "form (zeros in place) is not the pruned model, whose norm groups average "
+                "over fewer channels; prune it physically (masked=False)"
             )
         local = localize(group)
         arrays = local.gather(variables)
@@ -373,6 +442,7 @@ def intra_fusion(
     solver: str | Solver = "exact",
     map_normalization: str = "reference",
     head_merge: str = "average",
+    round_to: int = 1,
     epsilon: float = 1e-3,
     max_iterations: int = 5000,
     threshold: float = 1e-4,
@@ -406,6 +476,9 @@ def intra_fusion(
         are (their attention patterns unchanged), only values (averaged) and output
         projections (summed) merge. "map": the writer map of every other group
         (``map_normalization``) for queries, keys and values too.
+      round_to: keep a multiple of this many channels in every group (widths that suit
+        accelerators: 8, 128): the multiple nearest ``n * (1 - sparsity)``, never zero
+        and never the whole group.
       epsilon, max_iterations, threshold: Sinkhorn settings (epsilon relative to the
         mean cost).
 
@@ -420,6 +493,7 @@ def intra_fusion(
     _check_choice("target", target, ("most_important", "centroids"))
     _check_choice("map_normalization", map_normalization, MAP_NORMALIZATIONS)
     _check_choice("head_merge", head_merge, HEAD_MERGES)
+    _check_round_to(round_to)
     config = _Config(
         "intra_fusion",
         sparsity,
@@ -429,18 +503,34 @@ def intra_fusion(
         make_solver(solver, epsilon=epsilon, max_iterations=max_iterations, threshold=threshold),
         map_normalization,
         head_merge,
+        round_to,
     )
     return _pruner(config)
 
 
-def default_pruning(sparsity: float | None, importance: str = "l1") -> Pruner:
+def default_pruning(sparsity: float | None, importance: str = "l1", *, round_to: int = 1) -> Pruner:
     """Default pruning (the paper's baseline): keep the most important channels, drop the
-    rest. Same keep set as :func:`intra_fusion`."""
+    rest. Same keep set as :func:`intra_fusion` (``round_to``: see there)."""
     sparsity = _optional_sparsity(sparsity)
     _check_choice("importance", importance, IMPORTANCES)
+    _check_round_to(round_to)
     return _pruner(
-        _Config("default", sparsity, importance, "uniform", "most_important", None, "reference")
+        _Config(
+            "default",
+            sparsity,
+            importance,
+            "uniform",
+            "most_important",
+            None,
+            "reference",
+            round_to=round_to,
+        )
     )
+
+
+def _check_round_to(round_to: Any) -> None:
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
 
 
 def _optional_sparsity(sparsity: Any) -> float | None:
@@ -553,7 +643,8 @@ def prune(
         model; when several groups are pruned physically, each later group scores its
         kept slices with their dense gradients).
       key: PRNG key for ``importance="random"`` (split per group).
-      **options: passed to :func:`intra_fusion` (marginals, target, solver, ...).
+      **options: passed to :func:`intra_fusion` (marginals, target, solver, ...);
+        ``round_to=k`` (kept counts multiples of k) for either method.
 
     Example:
       >>> model, variables, plans = prune(model, variables, "all", sparsity=0.5,
@@ -574,9 +665,10 @@ def prune(
         check_group(variables, group)
     group_widths = _group_widths(groups, sparsity, widths)
     if method == "default":
+        round_to = options.pop("round_to", 1)
         if options:
             raise ValueError(f"options {sorted(options)} apply to intra_fusion only")
-        pruner = default_pruning(sparsity, importance)
+        pruner = default_pruning(sparsity, importance, round_to=round_to)
     else:
         pruner = intra_fusion(sparsity, importance, **options)
     if fold:

@@ -38,12 +38,17 @@ def check_group(variables: Mapping[str, Any], group: Group) -> None:
     if not isinstance(group, Group):
         raise ValueError(f"expected a Group from discover_groups, got {type(group).__name__}")
     sizes = {}
+    segmented = {path for path, _ in group.segments}  # concatenations: at least n
     for layer in (*group.writers, *group.readers):
-        sizes[path_str(layer.kernel)] = _shape(variables, layer.kernel, group)[layer.axis] // (
-            layer.outer * layer.inner
-        )
+        shape = _shape(variables, layer.kernel, group)
+        if layer.kernel not in segmented:
+            sizes[path_str(layer.kernel)] = (
+                shape[layer.axis] * getattr(layer, "groups", 1) // (layer.outer * layer.inner)
+            )
     for path, axis in group.channel_params:
-        sizes[path_str(path)] = _shape(variables, path, group)[axis]
+        shape = _shape(variables, path, group)
+        if path not in segmented:
+            sizes[path_str(path)] = shape[axis]
     if len(set(sizes.values())) != 1:
         raise ValueError(
             f"group {group.index} does not match these variables: channel counts {sizes} differ "

@@ -47,6 +47,17 @@ def _features(module: Any, shapes: Shapes) -> dict[str, Any]:
     return {"features": shapes["kernel"][-1]} if "kernel" in shapes else {}
 
 
+def _conv(module: nn.Conv, shapes: Shapes) -> dict[str, Any]:
+    """``features``; a depthwise convolution (as many groups as output channels: one per
+    input channel) keeps one group per channel. A grouped one keeps its group count
+    (pruning keeps equal numbers of channels per group)."""
+    widths = _features(module, shapes)
+    groups = module.feature_group_count
+    if widths and groups > 1 and groups == module.features:
+        widths["feature_group_count"] = widths["features"]
+    return widths
+
+
 def _dense_general(module: nn.DenseGeneral, shapes: Shapes) -> dict[str, Any]:
     if "kernel" not in shapes:
         return {}
@@ -76,7 +87,7 @@ def _attention(module: nn.MultiHeadDotProductAttention, shapes: Shapes) -> dict[
 
 _LINEN_RULES: dict[type, WidthRule] = {
     nn.Dense: _features,
-    nn.Conv: _features,
+    nn.Conv: _conv,
     nn.ConvTranspose: _features,
     nn.ConvLocal: _features,
     nn.DenseGeneral: _dense_general,
@@ -114,11 +125,28 @@ def _linen_rule(module: Any) -> WidthRule | None:
     return None
 
 
-def _set_widths(module: Any, shapes: Shapes) -> None:
+def _block_features(module: Any, shapes: Shapes, dense: Shapes) -> dict[str, Any]:
+    """A block without a kernel of its own whose ``features`` is the output width of
+    the kernels in it that had that width (an inverted residual block's ``features``,
+    compared with its input width to decide on the residual connection): their pruned
+    width, when they agree."""
+    features = getattr(module, "features", None)
+    if isinstance(features, bool) or not isinstance(features, int) or "kernel" in shapes:
+        return {}
+    widths = {
+        shapes[name][-1]
+        for name, shape in dense.items()
+        if name.split("/")[-1] == "kernel" and shape[-1] == features and name in shapes
+    }
+    return {"features": widths.pop()} if len(widths) == 1 else {}
+
+
+def _set_widths(module: Any, shapes: Shapes, dense: Shapes) -> None:
     rule = _linen_rule(module)
-    if rule is None:
-        return
-    for name, value in rule(module, shapes).items():
+    widths = {} if rule is None else rule(module, shapes)
+    if not widths:
+        widths = _block_features(module, shapes, dense)
+    for name, value in widths.items():
         if getattr(module, name) != value:
             object.__setattr__(module, name, value)  # the bound clone of this call only
 
@@ -138,14 +166,15 @@ def _param_shapes(variables: Mapping[str, Any]) -> dict[Path, dict[str, tuple[in
 
 @contextlib.contextmanager
 def _widths_of(module: Any, prefix: tuple[str, ...]):
-    table = type(module)._ifjax_widths
+    table, dense = type(module)._ifjax_widths, type(module)._ifjax_dense
 
     def interceptor(next_fun, args, kwargs, context):
         if context.module.scope is None:  # not bound (e.g. init itself)
             return next_fun(*args, **kwargs)
         path = tuple(context.module.path)
         if path[: len(prefix)] == prefix and path[len(prefix) :] in table:
-            _set_widths(context.module, table[path[len(prefix) :]])
+            relative = path[len(prefix) :]
+            _set_widths(context.module, table[relative], dense.get(relative, {}))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -164,25 +193,33 @@ def _unbound_wrapper(name: str):
 def _call(self, *args, **kwargs):
     prefix = tuple(self.path)
     if () in type(self)._ifjax_widths:
-        _set_widths(self, type(self)._ifjax_widths[()])
+        _set_widths(self, type(self)._ifjax_widths[()], type(self)._ifjax_dense.get((), {}))
     with _widths_of(self, prefix):
         return super(type(self), self).__call__(*args, **kwargs)
 
 
-def pruned_linen_module(model: nn.Module, variables: Mapping[str, Any]) -> nn.Module:
+def pruned_linen_module(
+    model: nn.Module, variables: Mapping[str, Any], dense: Mapping[str, Any] | None = None
+) -> nn.Module:
     """The user's Linen module, running with the widths of ``variables`` (see above).
 
     Args:
       model: any Linen module (not modified).
       variables: pruned variables of it.
+      dense: the variables ``model`` declares (default ``variables``): blocks whose
+        ``features`` names the width of kernels inside them are found from these.
 
     Returns:
       An instance of a subclass of ``type(model)`` with the same fields.
     """
     base = getattr(type(model), "_ifjax_base", type(model))
+    declared = getattr(type(model), "_ifjax_dense", None)
+    if declared is None:
+        declared = _param_shapes(variables if dense is None else dense)
     namespace = {
         "_ifjax_base": base,
         "_ifjax_widths": _param_shapes(variables),
+        "_ifjax_dense": declared,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
@@ -211,10 +248,14 @@ def _nnx_linear(module: nnx.Linear) -> dict[str, Any]:
 
 def _nnx_conv(module: nnx.Conv) -> dict[str, Any]:
     kernel = _nnx_shape(module, "kernel")
+    groups = module.feature_group_count
+    if groups > 1 and groups == module.in_features == module.out_features:  # depthwise
+        groups = kernel[-1]
     return {
-        "in_features": kernel[-2] * module.feature_group_count,
+        "in_features": kernel[-2] * groups,
         "out_features": kernel[-1],
         "kernel_shape": kernel,
+        "feature_group_count": groups,
     }
 
 

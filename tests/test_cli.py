@@ -207,3 +207,16 @@ def test_vit_training_and_pruning_options_reach_the_jobs(monkeypatch, capsys):
     assert "stop here" in _error(capsys, argv) and seen["prune"]["groups"] == "heads"
     bad = ["train", "--model", "vit", "--workdir", "w", "--optimizer", "lion"]
     assert "--optimizer: invalid choice" in _error(capsys, bad)
+
+
+def test_round_to_reaches_the_pruned_widths(capsys, checkpoint, tmp_path):
+    argv = ["prune", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")]
+    argv += ["--sparsity", "0.4", "--groups", "0,1", "--method", "default"]
+    assert cli.main(OFF + argv + ["--round-to", "8"]) == 0
+    pruned = jobs.restore(tmp_path / "o")
+    widths = [pruned.model.cfg[i] for i in (-2, -3)]  # the two last convolutions: 32 each
+    assert widths == [16, 16]  # 32 * 0.6 = 19.2 -> the nearest multiple of 8
+    assert pruned.info["history"][-1]["round_to"] == 8
+    line = _error(capsys, argv + ["--round-to", "64", "--out", str(tmp_path / "p")])
+    assert "round_to is too large for this group" in line and "group 0 (32 channels" in line
+    assert "must be a positive integer" in _error(capsys, argv + ["--round-to", "0"])

@@ -158,6 +158,12 @@ def _add_prune(commands) -> None:
         "--map-normalization", choices=("reference", "row_average"), default="reference"
     )
     _intra_fusion_options(sub)
+    sub.add_argument(
+        "--round-to",
+        type=_positive_int,
+        default=1,
+        help="keep a multiple of this many channels per group (e.g. 8 for accelerators)",
+    )
     sub.add_argument("--evaluate", action="store_true", help="print top-1 before and after")
     sub.add_argument("--seed", type=int, default=0, help="key of 'random' importance")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -386,6 +392,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         method=args.method,
         importance=args.importance,
         options={name: getattr(args, name) for name in names},
+        round_to=args.round_to,
         evaluate=args.evaluate,
         seed=args.seed,
         overwrite=args.overwrite,

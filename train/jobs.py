@@ -299,6 +299,7 @@ def prune_checkpoint(
     method: str = "intra_fusion",
     importance: str = "l1",
     options: Mapping[str, Any] | None = None,
+    round_to: int = 1,
     evaluate: bool = False,
     dataset: str | None = None,
     data_dir: str | None = None,
@@ -310,7 +311,8 @@ def prune_checkpoint(
 
     BatchNorm is folded in every group first (as the reference); taylor importance uses
     gradients summed over 5 batches of 128 training images on the folded model.
-    ``options`` (marginals, target, solver, epsilon, map_normalization) are Intra-Fusion's.
+    ``options`` (marginals, target, solver, epsilon, map_normalization) are Intra-Fusion's;
+    ``round_to``: kept counts are multiples of it (either method).
 
     Returns:
       ``{"checkpoint", "groups", "history_entry", "params_before", "params_after",
@@ -329,6 +331,8 @@ def prune_checkpoint(
     if importance == "taylor":
         gradients = _taylor(restored, folded, name, data_dir, zip_path, seed)
     options = dict(options or {}) if method == "intra_fusion" else {}
+    if round_to != 1:
+        options["round_to"] = round_to
     pruned_model, pruned, plans = ifjax.prune(
         model,
         folded,
