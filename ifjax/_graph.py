@@ -536,7 +536,7 @@ class _Tracer:
             self.order += 1
             self.writers.append((x.space, leaf, dn.rhs_spec[0], self.order))
             return _Act((_Dim(dn.out_spec[1], x.space),), source=leaf)
-        self.add_reader(x, leaf, dn.rhs_spec[1], groups, dn.rhs_spec[0])
+        self.add_reader(x, leaf, dn.rhs_spec[1], groups, dn.rhs_spec[0] if groups > 1 else -1)
         space = self.add_writer(leaf, dn.rhs_spec[0], out)
         if groups > 1:
             partition = Partition(layer, groups)

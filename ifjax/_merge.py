@@ -142,8 +142,9 @@ def apply_maps(
         for path in filter(None, (w.bias, w.batchnorm.bias if w.batchnorm else None)):
             updates[path] = _apply_axis(matrix, tree_get(variables, path), 0, w.outer, w.inner)
             merged_vectors.add(path)
-    for r in group.readers:
-        updates[r.kernel] = apply_to_layer(reader_map, tree_get(variables, r.kernel), group, r)
+    for r in group.readers:  # (a layer can read what it writes: x + conv(x))
+        kernel = updates.get(r.kernel, tree_get(variables, r.kernel))
+        updates[r.kernel] = apply_to_layer(reader_map, kernel, group, r)
     n = writer_map.shape[1]
     for path, axis in group.channel_params:
         if path not in merged_vectors:

@@ -1,7 +1,7 @@
 """Models by name, and models as JSON-serialisable specs.
 
-A spec is ``{"name": "VGG" | "ResNet" | "ViT", "fields": {...}}`` where ``fields`` are the
-model's constructor fields with tuples written as lists, so a spec survives
+A spec is ``{"name": "VGG" | "ResNet" | "ViT" | "MobileNetV2", "fields": {...}}`` where
+``fields`` are the model's constructor fields with tuples written as lists, so a spec survives
 ``json.dumps``/``json.loads`` and :func:`build_model` rebuilds an equal model (pruned
 widths included). Checkpoints store the spec next to the weights.
 """
@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.mobilenet import MobileNetV2, mobilenetv2, mobilenetv2_small
 from models.resnet import ResNet, resnet18, resnet50
 from models.vgg import VGG, vgg11_bn
 from models.vit import ViT, vit
@@ -31,12 +32,19 @@ __all__ = [
     "model_spec",
 ]
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"VGG": VGG, "ResNet": ResNet, "ViT": ViT}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "VGG": VGG,
+    "ResNet": ResNet,
+    "ViT": ViT,
+    "MobileNetV2": MobileNetV2,
+}
 MODEL_FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "vgg11_bn": vgg11_bn,
     "resnet18": resnet18,
     "resnet50": resnet50,
     "vit": vit,
+    "mobilenetv2": mobilenetv2,
+    "mobilenetv2_small": mobilenetv2_small,
 }
 # Fields every Linen module has that are not part of its architecture.
 _MODULE_FIELDS = ("parent", "name")
@@ -58,7 +66,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     """Returns the JSON-serialisable spec of a registered model.
 
     Args:
-      model: a ``VGG``, ``ResNet`` or ``ViT`` (dense or pruned widths).
+      model: a ``VGG``, ``ResNet``, ``ViT`` or ``MobileNetV2`` (dense or pruned widths).
 
     Returns:
       ``{"name": class name, "fields": constructor fields, tuples as lists}``.
@@ -108,7 +116,7 @@ def create_model(name: str, num_classes: int = 10, width_multiplier: float = 1.0
     """Creates a model of the paper by name.
 
     Args:
-      name: ``"vgg11_bn"``, ``"resnet18"``, ``"resnet50"`` or ``"vit"``.
+      name: ``"vgg11_bn"``, ``"resnet18"``, ``"resnet50"``, ``"vit"`` or ``"mobilenetv2"``.
       num_classes: classifier outputs.
       width_multiplier: scales every width (at least one channel per layer).
 

@@ -118,18 +118,6 @@ def _all_at_once(model, variables, groups, batches, gradients, journal: Path) ->
     return rows
 
 
-def _throughput(model, variables, batch, repeats: int = 5) -> float:
-    """Evaluation images per second of one jitted forward pass on ``batch`` (best of)."""
-    forward = jax.jit(lambda v, x: model.apply(v, x))
-    forward(variables, batch).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(variables, batch).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return batch.shape[0] / best
-
-
 def _finetune(trained, batches, journal: Path) -> list[dict]:
     """All neuron and head groups at 50% (l1), physically; then a short fine-tune."""
     done = _journal_rows(journal)
@@ -382,9 +370,9 @@ def vit_report() -> Path:
     small = jobs.restore(tuned[1]["checkpoint"])
     probe = jnp.asarray(next(iter(batches))["image"])
     speed = {
-        "dense": _throughput(model, variables, probe),
-        "pruned": _throughput(small.model, small.variables, probe),
-        "dense again": _throughput(model, variables, probe),
+        "dense": training.eval_throughput(model, variables, probe),
+        "pruned": training.eval_throughput(small.model, small.variables, probe),
+        "dense again": training.eval_throughput(model, variables, probe),
     }
 
     data = reproduce.REPORTS / "data"

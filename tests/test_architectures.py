@@ -276,3 +276,27 @@ def test_fusion_refuses_groups_in_blocks():
     ):
         ifjax.align(model, variables, variables, example_input=x, method="weight",
                     apply_kwargs=EVAL)  # fmt: skip
+
+
+class _SelfResidual(nn.Module):
+    """A 1x1 convolution added to its own input: it reads and writes the same group."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), name="stem")(x))
+        x = x + nn.Conv(8, (1, 1), name="mix")(x)
+        return nn.Dense(3, name="head")(x.mean((1, 2)))
+
+
+@pytest.mark.parametrize("method", ["default", "intra_fusion"])
+def test_layer_reading_and_writing_one_group(method):
+    model = _SelfResidual()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x)
+    (group,) = ifjax.discover_groups(model, variables, x)
+    assert ("mix",) in {w.module for w in group.writers} & {r.module for r in group.readers}
+    options = dict(sparsity=0.5, method=method, example_input=x)
+    small_model, small, _ = ifjax.prune(model, variables, "all", **options)
+    assert small["params"]["mix"]["kernel"].shape == (1, 1, 4, 4)
+    _, masked, _ = ifjax.prune(model, variables, "all", masked=True, **options)
+    assert _scale_error(small_model.apply(small, x), model.apply(masked, x)) < 1e-4

@@ -36,7 +36,7 @@ from train.training import OPTIMIZERS, SCHEDULES
 
 __all__ = ["main", "parser"]
 
-MODELS = ("vgg11_bn", "resnet18", "resnet50", "vit")
+MODELS = ("vgg11_bn", "resnet18", "resnet50", "vit", "mobilenetv2")
 DATASETS = ("cifar10", "cifar10_jpeg", "cifar100", "imagenet2012")
 METHODS = ("intra_fusion", "default")
 # Errors that mean "bad input", reported in one line; anything else is a bug: traceback.
