@@ -141,9 +141,19 @@ def _block_features(module: Any, shapes: Shapes, dense: Shapes) -> dict[str, Any
     return {"features": widths.pop()} if len(widths) == 1 else {}
 
 
+def _group_norm(module: nn.GroupNorm, dense: Shapes) -> dict[str, Any]:
+    """A GroupNorm given by ``group_size`` keeps its number of norm groups (pruning keeps
+    equal numbers of channels in each), so it is given by that number instead."""
+    if module.group_size is None or "scale" not in dense:
+        return {}
+    return {"num_groups": dense["scale"][-1] // module.group_size, "group_size": None}
+
+
 def _set_widths(module: Any, shapes: Shapes, dense: Shapes) -> None:
     rule = _linen_rule(module)
     widths = {} if rule is None else rule(module, shapes)
+    if isinstance(module, nn.GroupNorm):
+        widths = _group_norm(module, dense)
     if not widths:
         widths = _block_features(module, shapes, dense)
     for name, value in widths.items():

@@ -300,3 +300,43 @@ def test_layer_reading_and_writing_one_group(method):
     assert small["params"]["mix"]["kernel"].shape == (1, 1, 4, 4)
     _, masked, _ = ifjax.prune(model, variables, "all", masked=True, **options)
     assert _scale_error(small_model.apply(small, x), model.apply(masked, x)) < 1e-4
+
+
+class _GroupSizeNorm(nn.Module):
+    """GroupNorm given by its group size (4 norm groups of 4 channels)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (3, 3), name="conv")(x)
+        x = nn.relu(nn.GroupNorm(num_groups=None, group_size=4, name="norm")(x))
+        return nn.Dense(3, name="head")(x.mean((1, 2)))
+
+
+def test_groupnorm_given_by_group_size_keeps_its_norm_groups():
+    model = _GroupSizeNorm()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x)
+    (group,) = ifjax.discover_groups(model, variables, x)
+    assert group.blocks == 4 and group.normalized_in_blocks
+    small_model, small, (plan,) = ifjax.prune(
+        model, variables, [group], sparsity=0.5, method="default"
+    )
+    keep = np.asarray(plan.keep)
+    np.testing.assert_array_equal(np.bincount(keep // 4, minlength=4), [2, 2, 2, 2])
+
+    def reference(x):  # the pruned network with 4 norm groups of 2 channels, by hand
+        p = small["params"]
+        y = (
+            jax.lax.conv_general_dilated(
+                x, p["conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            + p["conv"]["bias"]
+        )
+        g = y.reshape(y.shape[:-1] + (4, 2))
+        mean = g.mean((1, 2, 4), keepdims=True)
+        var = ((g - mean) ** 2).mean((1, 2, 4), keepdims=True)
+        y = ((g - mean) / jnp.sqrt(var + 1e-6)).reshape(y.shape)
+        y = nn.relu(y * p["norm"]["scale"] + p["norm"]["bias"])
+        return y.mean((1, 2)) @ p["head"]["kernel"] + p["head"]["bias"]
+
+    np.testing.assert_allclose(small_model.apply(small, x), reference(x), rtol=1e-4, atol=1e-5)
