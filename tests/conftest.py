@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,39 @@ from models import VGG, resnet18
 # Tests never download datasets: train.data refuses the network while this is set (the
 # tests of downloads serve their archives from 127.0.0.1 and unset it).
 os.environ["IFJAX_OFFLINE"] = "1"
+
+
+# What tests read from ../shared (beside the project root). Without it a test is skipped,
+# except under CI=true, where CI promises it: there a missing file fails the run (a CI
+# without ../shared must not go green with no parity check at all).
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_FILES = {
+    "golden": SHARED / "golden" / "vgg11_tiny.npz",
+    "paper": SHARED / "paper",
+    "data": SHARED / "data" / "cifar10-jpeg.zip",
+}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def require_shared(what: str) -> Path:
+    """The path of ``what`` ("golden", "paper", "data") in ../shared; skips the calling
+    test when it is missing (fails it under CI=true). Depends on files only."""
+    path = SHARED_FILES[what]
+    if not path.exists():
+        message = f"../shared {what} is missing: {path}"
+        if _in_ci():
+            pytest.fail(f"CI=true but {message}", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+def pytest_sessionstart(session):
+    missing = [str(path) for path in SHARED_FILES.values() if not path.exists()]
+    if _in_ci() and missing:
+        pytest.exit(f"CI=true but ../shared is incomplete; missing: {missing}", returncode=1)
 
 
 def random_variables(model, x, seed=0):

@@ -23,6 +23,7 @@ from PIL import Image
 from tree_asserts import assert_trees_equal
 
 import ifjax
+from tests.conftest import require_shared
 from train import cli, data, jobs, paper
 
 CLASSES = ("airplane", "bird", "cat", "ship")
@@ -208,8 +209,7 @@ def test_datafree_writes_its_csv_markdown_and_plot(trained, env):
 @pytest.mark.slow
 def test_demo_runs_in_under_15_minutes(tmp_path):
     """The real demo on the real CIFAR-10 zip (deselected by default; ``-m slow``)."""
-    if data.find_cifar10_zip() is None:
-        pytest.skip("the offline CIFAR-10 zip is not here")
+    require_shared("data")
     start = time.perf_counter()
     out = _run("demo", "--workdir", str(tmp_path / "demo"))
     assert time.perf_counter() - start < 15 * 60

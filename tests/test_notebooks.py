@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from train.data import find_cifar10_zip
+from tests.conftest import require_shared
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -26,9 +26,9 @@ def test_notebooks_match_their_generator():
         assert [c.source for c in written.cells] == [source for _, source in cells]
 
 
-@pytest.mark.skipif(find_cifar10_zip() is None, reason="offline CIFAR-10 zip not present")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path):
+    require_shared("data")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(
         nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

@@ -9,17 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from train import data
+from tests.conftest import require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def vit_report(tmp_path, monkeypatch):
-    try:
-        data.load_dataset("cifar10", "test")
-    except data.DatasetUnavailableError as error:
-        pytest.skip(f"no offline CIFAR-10: {error}")
+    require_shared("data")
     monkeypatch.syspath_prepend(str(ROOT / "reports"))
     spec = importlib.util.spec_from_file_location("vit_report", ROOT / "reports" / "vit.py")
     module = importlib.util.module_from_spec(spec)

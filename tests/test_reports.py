@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from train import data
+from tests.conftest import require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,10 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def module(tmp_path_factory):
     """The script, set to a tiny base model shared by the tests (trained once)."""
-    try:
-        data.load_dataset("cifar10", "test")
-    except data.DatasetUnavailableError as error:
-        pytest.skip(f"no offline CIFAR-10: {error}")
+    require_shared("data")
     spec = importlib.util.spec_from_file_location("reproduce", ROOT / "reports" / "reproduce.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -12,6 +12,7 @@ from conftest import random_variables
 
 import ifjax
 from models import VGG
+from tests.conftest import require_shared
 from train import data, paper, sweep, training
 
 SPARSITIES = (0.0, 0.5)
@@ -314,8 +315,7 @@ def test_csv_and_plots_are_written(tmp_path):
 
 
 def test_paper_numbers_are_read_from_the_shared_csv(monkeypatch):
-    if paper.paper_dir() is None:
-        pytest.skip("../shared/paper is not here")
+    require_shared("paper")
     table = paper.paper_datafree("vgg11_bn", "cifar10_jpeg")
     assert table[(0, 0.5, "l1")] == (87.91, 89.07)
     assert table[(0, 0.1, "taylor")] == (89.47, 89.46)
@@ -327,8 +327,7 @@ def test_paper_numbers_are_read_from_the_shared_csv(monkeypatch):
 
 
 def test_papers_table_1_is_read_from_the_shared_csv(monkeypatch):
-    if paper.paper_dir() is None:
-        pytest.skip("../shared/paper is not here")
+    require_shared("paper")
     table = paper.paper_finetuned("resnet18", "cifar10_jpeg")
     assert sorted(table) == [0.4, 0.6, 0.7, 0.8]
     assert table[0.7] == (92.17, 90.41, 91.37)
