@@ -99,7 +99,7 @@ def test_nnx_mobilenet_pruned_at_half():
         assert _scale_error(out, masked(x)) < 1e-4
         assert _scale_error(out, expected) > 1e-3
         depthwise = small.blocks[1].depthwise
-        assert depthwise.feature_group_count == depthwise.kernel.value.shape[-1]
+        assert depthwise.feature_group_count == depthwise.kernel[...].shape[-1]
         loss = nnx_train_step(small, x, jnp.arange(x.shape[0]) % 10)
         assert np.isfinite(float(loss))
     np.testing.assert_array_equal(module(x), expected)  # the input module is untouched
