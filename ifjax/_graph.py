@@ -23,6 +23,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from ifjax._model import ModelView, view_and_input
+from ifjax._tree import tree_get
 
 Path = tuple[str, ...]
 
@@ -134,10 +135,7 @@ class SizeOf:
     layout: int = 1
 
     def read(self, variables: Mapping[str, Any]) -> int:
-        node = variables
-        for key in self.kernel:
-            node = node[key]
-        return int(np.shape(node)[self.axis]) // self.layout
+        return int(np.shape(tree_get(variables, self.kernel))[self.axis]) // self.layout
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,6 @@ residual streams written by the project convolutions, the head convolution).
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -73,27 +72,6 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
-def _journal(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.exists():
-        return {}
-    rows = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by an interruption: run it again
-            continue
-        rows[row["key"]] = row
-    return rows
-
-
-def _append(path: Path, row: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as file:
-        file.write(json.dumps(row) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-
-
 def _roundable(groups: Sequence[ifjax.Group]) -> list[ifjax.Group]:
     """The groups round_to=8 can prune: more than 8 channels (it keeps neither none nor
     all of them), residual streams left out as by "all"."""
@@ -110,7 +88,7 @@ def rounding(model_name: str, batches: Sequence[Mapping[str, Any]]) -> list[dict
     groups = ifjax.discover_groups(model, variables, x)
     folded = ifjax.fold_batchnorm(variables, groups)
     journal = Path(trained["checkpoint"]).parent / "round_to.jsonl"
-    done = _journal(journal)
+    done = reproduce.read_journal(journal)
     count = lambda tree: sum(int(np.size(a)) for a in jax.tree.leaves(tree["params"]))
     rows = []
     for sparsity in ROUNDING_SPARSITIES:
@@ -136,7 +114,7 @@ def rounding(model_name: str, batches: Sequence[Mapping[str, Any]]) -> list[dict
                         kept=kept,
                         multiples_of_8=sum(k % 8 == 0 for k in kept),
                     )
-                    _append(journal, done[key])
+                    reproduce.append_journal(journal, done[key])
                     print(f"{key}: {top1:.2f}%")
                 rows.append(done[key])
     return rows

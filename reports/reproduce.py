@@ -106,6 +106,30 @@ LABELS = {
 }
 
 
+def read_journal(path: Path) -> dict[str, dict[str, Any]]:
+    """The rows of a report's journal (JSON lines, each with a "key"), by key; a line
+    cut short by an interruption is left out (its cell runs again)."""
+    if not path.exists():
+        return {}
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[row["key"]] = row
+    return rows
+
+
+def append_journal(path: Path, row: Mapping[str, Any]) -> None:
+    """Appends one row to a report's journal, on disk before this returns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        file.write(json.dumps(row) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
 def _workdir(model: str) -> Path:
     return RUNS / f"{model}_x{SETTINGS[model]['width']}"
 

@@ -20,13 +20,9 @@ LayerNorm-normalized, and ``prune(..., "all")`` leaves it out (see ``ifjax.Group
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,28 +50,9 @@ FINETUNE = dict(sparsity=0.5, epochs=1, peak_lr=2e-4)
 KIND_LABEL = {"neurons": "MLP", "heads": "attention"}
 
 
-def _journal_rows(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.exists():
-        return {}
-    rows = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["key"]] = row
-    return rows
-
-
-def _append(path: Path, row: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as file:
-        file.write(json.dumps(row) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
-
-
 def _all_at_once(model, variables, groups, batches, gradients, journal: Path) -> list[dict]:
     """All MLP groups, then all head groups, pruned together (masked form), per cell."""
-    done = _journal_rows(journal)
+    done = reproduce.read_journal(journal)
     rows = []
     for kind in ("neurons", "heads"):
         selected = tuple(g for g in groups if g.kind == kind)
@@ -112,7 +89,7 @@ def _all_at_once(model, variables, groups, batches, gradients, journal: Path) ->
                         top1=top1,
                         kept=[int(p.keep.shape[0]) for p in plans],
                     )
-                    _append(journal, row)
+                    reproduce.append_journal(journal, row)
                     rows.append(row)
                     print(f"all {kind} {importance} {sparsity:.0%} {method}: {top1:.2f}%")
     return rows
@@ -120,7 +97,7 @@ def _all_at_once(model, variables, groups, batches, gradients, journal: Path) ->
 
 def _finetune(trained, batches, journal: Path) -> list[dict]:
     """All neuron and head groups at 50% (l1), physically; then a short fine-tune."""
-    done = _journal_rows(journal)
+    done = reproduce.read_journal(journal)
     config = reproduce.SETTINGS[MODEL]
     rows = []
     for method in METHODS:
@@ -165,7 +142,7 @@ def _finetune(trained, batches, journal: Path) -> list[dict]:
             checkpoint=str(pruned),
             finetuned=tuned["checkpoint"],
         )
-        _append(journal, row)
+        reproduce.append_journal(journal, row)
         rows.append(row)
     return rows
 
