@@ -4,6 +4,7 @@
     python reports/reproduce.py datafree --model resnet18     # reports/datafree_resnet18.md
     python reports/reproduce.py finetuned --model vgg11_bn    # reports/finetuned_vgg11_bn.md
     python reports/reproduce.py all                           # everything above
+    python reports/reproduce.py fullwidth                     # full width: reports/fullwidth.py
 
 Every step trains what it needs first (the base model of :data:`SETTINGS`, into
 ``runs/reports/<model>_x<width>``) and resumes: training from its last checkpoint, the
@@ -30,6 +31,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "reports"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -282,12 +284,16 @@ def _summary_lines(cells: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _gain_table(cells: Mapping[tuple, Mapping[str, Any]], importance: str) -> list[str]:
+def _gain_table(
+    cells: Mapping[tuple, Mapping[str, Any]],
+    importance: str,
+    sparsities: Sequence[float] = SPARSITIES,
+) -> list[str]:
     groups = sorted({k[0] for k in cells if k[2] == importance})
-    header = ["group", "", *(f"{s:.0%}" for s in SPARSITIES)]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(SPARSITIES)]
+    header = ["group", "", *(f"{s:.0%}" for s in sparsities)]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(sparsities)]
     for group in groups:
-        row = [cells.get((group, s, importance), {}) for s in SPARSITIES]
+        row = [cells.get((group, s, importance), {}) for s in sparsities]
         lines.append(
             f"| {group} | Default top-1 | "
             + " | ".join(f"{c['default']:.2f}" if "default" in c else "" for c in row)
@@ -389,7 +395,12 @@ def _row_average_lines(cells: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
     ]
 
 
-def _plot_gain_maps(cells: Mapping[tuple, Mapping[str, Any]], model: str, path: Path) -> Path:
+def _plot_gain_maps(
+    cells: Mapping[tuple, Mapping[str, Any]],
+    model: str,
+    path: Path,
+    sparsities: Sequence[float] = SPARSITIES,
+) -> Path:
     """Heatmaps of the gain per (group, sparsity): ours, Sinkhorn's, row-average's, paper's."""
     import matplotlib
 
@@ -419,9 +430,9 @@ def _plot_gain_maps(cells: Mapping[tuple, Mapping[str, Any]], model: str, path: 
     image = None
     for r, importance in enumerate(IMPORTANCES):
         for col, (method, title) in enumerate(columns):
-            grid = np.full((len(groups), len(SPARSITIES)), np.nan)
+            grid = np.full((len(groups), len(sparsities)), np.nan)
             for i, group in enumerate(groups):
-                for j, sparsity in enumerate(SPARSITIES):
+                for j, sparsity in enumerate(sparsities):
                     cell = cells.get((group, sparsity, importance), {})
                     if method == "paper":
                         grid[i, j] = cell.get("paper_gain", np.nan)
@@ -430,7 +441,7 @@ def _plot_gain_maps(cells: Mapping[tuple, Mapping[str, Any]], model: str, path: 
             ax = axes[r][col]
             image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
             ax.set_title(f"{importance}: {title}", fontsize=8)
-            ax.set_xticks(range(len(SPARSITIES)), [f"{s:.0%}" for s in SPARSITIES], fontsize=6)
+            ax.set_xticks(range(len(sparsities)), [f"{s:.0%}" for s in sparsities], fontsize=6)
             ax.set_yticks(range(len(groups)), [str(g) for g in groups], fontsize=6)
             if col == 0:
                 ax.set_ylabel("group", fontsize=7)
@@ -721,7 +732,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "check":
             sub.add_argument("--cells", type=int, default=12, help="random cells to recompute")
     commands.add_parser("all")
+    import fullwidth  # reports/fullwidth.py
+
+    fullwidth.add_arguments(commands.add_parser("fullwidth", help=fullwidth.__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
+    if args.command == "fullwidth":
+        return fullwidth.main(args)
     jobs.enable_compilation_cache(jobs.default_compilation_cache())
     if args.command == "base":
         print(json.dumps({k: v for k, v in base_model(args.model).items() if k != "history"}))

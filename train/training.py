@@ -240,9 +240,14 @@ def create_train_state(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer"))
+@functools.partial(jax.jit, static_argnames=("model", "optimizer", "compute_dtype"))
 def train_step(
-    state: TrainState, batch: Batch, *, model: nn.Module, optimizer: optax.GradientTransformation
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    compute_dtype: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a batch, BatchNorm in train mode (jitted once per shape).
 
@@ -251,6 +256,9 @@ def train_step(
       batch: ``{"image": float32 (B, H, W, 3), "label": int32 (B,)}``.
       model: the Linen model (static).
       optimizer: the optax optimizer the state was created with (static).
+      compute_dtype: mixed precision, e.g. ``"bfloat16"``: the forward and backward pass
+        run on parameters and images cast to it (BatchNorm statistics, the loss, the
+        gradients and the update stay float32). None: float32 throughout.
 
     Returns:
       The new state and ``{"loss": mean cross-entropy, "accuracy": top-1}`` of the batch
@@ -262,13 +270,18 @@ def train_step(
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        images = batch["image"]
+        if compute_dtype is not None:
+            params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+            images = images.astype(compute_dtype)
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": rng},
         )
+        logits = logits.astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         return losses.mean(), (logits, updates)
 
@@ -428,6 +441,7 @@ class _Fit:
     workdir: Path | None
     checkpoint_every_steps: int | None
     max_steps: int | None
+    compute_dtype: str | None = None
 
 
 class _Progress:
@@ -591,7 +605,11 @@ def _train_epoch(run: _Run, fit_: _Fit, progress: _Progress) -> tuple[bool, floa
         if batch is None:  # The loader's epoch is shorter than steps_per_epoch.
             break
         run.state, metrics = train_step(
-            run.state, batch, model=fit_.model, optimizer=fit_.optimizer
+            run.state,
+            batch,
+            model=fit_.model,
+            optimizer=fit_.optimizer,
+            compute_dtype=fit_.compute_dtype,
         )
         run.sums = _accumulate(run.sums, metrics, len(batch["label"]))
         images += len(batch["label"])
@@ -666,6 +684,7 @@ def fit(
     progress_bar: bool | None = None,
     optimizer: str = "sgd",
     peak_lr: float | None = None,
+    compute_dtype: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trains (or fine-tunes) a model, evaluating after every epoch; resumable.
 
@@ -696,6 +715,7 @@ def fit(
       progress_bar: tqdm bar (True) or plain lines (False); None: bar on a terminal.
       optimizer: ``"sgd"`` or ``"adamw"`` (see :func:`make_optimizer`).
       peak_lr: the schedule's peak learning rate (default: the schedule's own).
+      compute_dtype: mixed precision (see :func:`train_step`), e.g. ``"bfloat16"`` on GPUs.
 
     Returns:
       ``(variables, history)``: the final variables and one metrics dict per epoch.
@@ -719,6 +739,7 @@ def fit(
     # recorded only when not the default, so that older checkpoints still resume
     config |= {"optimizer": optimizer} if optimizer != "sgd" else {}
     config |= {"peak_lr": peak_lr} if peak_lr is not None else {}
+    config |= {"compute_dtype": compute_dtype} if compute_dtype is not None else {}
     transform = _cached_optimizer(
         optimizer_kind,
         steps_per_epoch,
@@ -741,6 +762,7 @@ def fit(
         workdir=None if workdir is None else Path(workdir).absolute(),
         checkpoint_every_steps=checkpoint_every_steps,
         max_steps=max_steps,
+        compute_dtype=compute_dtype,
     )
     run = _start(fit_, _Run(state=create_train_state(model, variables, transform, seed=seed)))
     progress = _Progress(epochs * steps_per_epoch, run.step, log_every, progress_bar)

@@ -1,0 +1,975 @@
+"""The paper at full width: VGG11-BN and ResNet18 trained on CIFAR-10, the data-free sweep
+and Table 1, in resumable stages, on this CPU or on one GPU.
+
+    python reports/reproduce.py fullwidth                       # CPU: VGG11-BN, resumable
+    python reports/reproduce.py fullwidth --device-run prepare  # the folder for the GPU
+    python reports/reproduce.py fullwidth --device-run unpack DIR   # what came back
+    python reports/reproduce.py fullwidth --tiny                # everything, a few steps
+
+Stages (each resumes; a stage cut short is simply run again):
+
+* ``train``: the model at full width from scratch, batches gathered and augmented on the
+  accelerator (:class:`train.data.DeviceBatches`), one-cycle schedule, SGD with Nesterov
+  momentum, bfloat16 mixed precision on a GPU (:data:`RECIPES`); checkpoints every epoch
+  (and every 100 steps on the CPU) through :func:`train.training.fit`.
+* ``datafree``: every group x 10/30/50/70% x l1, lamp, taylor; Default, Intra-Fusion with
+  the exact solver and with Sinkhorn (:func:`train.sweep.datafree_sweep`, journaled).
+* ``table1``: all groups pruned at 40/60/70/80% (l1), Default vs Intra-Fusion, then a
+  short fine-tune (journaled per row).
+* ``bench``: a training step in images/s, ifjax vs PyTorch on the same device, both
+  models at batch 128 and 512.
+* ``replicas``: split-data training of k = 1, 2, 4 replicas vmapped on one device against
+  k sequential runs (``bench/replicas.py``).
+* ``report``: ``reports/fullwidth.md`` (and ``reports/gpu.md`` when GPU results exist),
+  tables, CSVs and plots beside the paper's numbers.
+
+The GPU has none of tensorflow-datasets, ott-jax and POT, and what travels there must stay
+under 64 MiB: ``--device-run prepare`` packs the zip's JPEG bytes into an 18 MB ``.npz``
+(:func:`train.data.pack_cifar10`, read without tfds) and downloads the wheels; the
+commands it prints run the stages under a deadline and return results and weights as at
+most 8 files of at most 16 MiB; ``--device-run unpack`` puts them under
+``runs/fullwidth/gpu`` and writes the reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "reports"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import ifjax  # noqa: E402
+from models.registry import create_model, init_variables  # noqa: E402
+from train import data as data_lib  # noqa: E402
+from train import sweep, training  # noqa: E402
+
+MODELS = ("vgg11_bn", "resnet18")
+SPARSITIES = (0.1, 0.3, 0.5, 0.7)
+IMPORTANCES = ("l1", "lamp", "taylor")
+METHODS = ("default", "intra_fusion", "intra_fusion_sinkhorn")
+TABLE1_SPARSITIES = (0.4, 0.6, 0.7, 0.8)
+TABLE1_METHODS = ("default", "intra_fusion")
+STAGES = ("bench", "train", "datafree", "table1", "replicas", "report")
+RUNS = ROOT / "runs" / "fullwidth"
+REPORTS = ROOT / "reports"
+DEVICE_DIR = ROOT / ".device"
+# What the GPU image lacks (ott-jax needs jaxopt), pinned to the versions tested here.
+WHEELS = ("ott-jax==0.6.0", "jaxopt==0.8.5", "POT==0.9.7.post1")
+TREE_LIMIT = 64 * 2**20  # what may travel to the GPU machine: tree + carried folder
+FILE_LIMIT = 16 * 2**20  # one returned file
+WEIGHTS = "trained.npz"
+RESULTS = "results.zip"
+PAPER_BASE = {"vgg11_bn": (89.6, 90.2), "resnet18": (95.0, 95.2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How the base models are trained, fine-tuned and evaluated on one kind of machine.
+
+    Attributes:
+      name: ``gpu``, ``cpu`` or ``tiny`` (the CI scale); results go to runs/fullwidth/<name>.
+      epochs: training epochs per model.
+      batch_size: training batch.
+      peak_lr: the one-cycle schedule's peak (``"fast"``: warm-up from peak/10 over 15%
+        of the steps, then cosine to 0), SGD with Nesterov momentum 0.9, weight decay 5e-4.
+      compute_dtype: mixed precision of the training step (None: float32).
+      finetune_epochs: Table 1's fine-tuning (``"finetune"`` schedule: constant lr).
+      finetune_lr: its learning rate (the paper's 0.01 at batch 128, scaled linearly).
+      width: width multiplier (1.0: the paper's models).
+      per_class: training/test images per class (None: all of CIFAR-10).
+      max_steps: stop training after that many steps (tiny only).
+      groups: the data-free sweep's groups ("all" or indices).
+      bench_steps: timed steps per bench measurement.
+      bench_batches: the bench's batch sizes (the replicas bench uses the first).
+      sparsities: the data-free sweep's.
+      table1_sparsities: Table 1's.
+      replicas: the replica counts k of the replicas bench.
+    """
+
+    name: str
+    epochs: Mapping[str, int]
+    batch_size: int
+    peak_lr: float
+    compute_dtype: str | None
+    finetune_epochs: int
+    finetune_lr: float
+    width: float = 1.0
+    per_class: int | None = None
+    max_steps: int | None = None
+    groups: str | tuple[int, ...] = "all"
+    bench_steps: int = 30
+    bench_batches: tuple[int, ...] = (128, 512)
+    sparsities: tuple[float, ...] = SPARSITIES
+    table1_sparsities: tuple[float, ...] = TABLE1_SPARSITIES
+    replicas: tuple[int, ...] = (1, 2, 4)
+
+
+RECIPES = {
+    # One H100/H200: bfloat16 steps at batch 512 (peak lr 0.2, i.e. 0.05 per 128 images).
+    "gpu": Recipe(
+        name="gpu",
+        epochs={"vgg11_bn": 30, "resnet18": 20},
+        batch_size=512,
+        peak_lr=0.2,
+        compute_dtype="bfloat16",
+        finetune_epochs=1,
+        finetune_lr=0.04,
+    ),
+    # This 2-core CPU: float32 (XLA:CPU has no fast bfloat16 convolution), batch 128; a
+    # full-width VGG11-BN epoch is ~5 min, so 30 epochs take ~2.5 h over resumed runs.
+    "cpu": Recipe(
+        name="cpu",
+        epochs={"vgg11_bn": 30, "resnet18": 30},
+        batch_size=128,
+        peak_lr=0.05,
+        compute_dtype=None,
+        finetune_epochs=1,
+        finetune_lr=0.01,
+    ),
+    # CI: the whole command on a 2-core CPU in about a minute (narrow models, 20 images
+    # per class, a few steps, one group, short benches).
+    "tiny": Recipe(
+        name="tiny",
+        epochs={"vgg11_bn": 1, "resnet18": 1},
+        batch_size=32,
+        peak_lr=0.05,
+        compute_dtype=None,
+        finetune_epochs=1,
+        finetune_lr=0.01,
+        width=0.125,
+        per_class=20,
+        max_steps=3,
+        groups=(0,),
+        bench_steps=2,
+        bench_batches=(16,),
+        sparsities=(0.5,),
+        table1_sparsities=(0.4,),
+        replicas=(1, 2),
+    ),
+}
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+class Deadline:
+    """Seconds left before a run must have written its results (None: no deadline)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return math.inf if self.end is None else self.end - time.monotonic()
+
+    def allows(self, seconds: float) -> bool:
+        """Whether a unit of work expected to take ``seconds`` still fits."""
+        return self.left() > seconds
+
+
+def _bench_module(name: str) -> Any:
+    """``bench/<name>.py`` as module ``bench_<name>`` (``bench/models.py`` would otherwise
+    shadow the ``models`` package)."""
+    module_name = f"bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def _say(message: str) -> None:
+    print(f"[fullwidth {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(staging, path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def machine() -> dict[str, Any]:
+    """The device the stages ran on, named."""
+    device = jax.devices()[0]
+    return dict(
+        platform=device.platform,
+        device=getattr(device, "device_kind", str(device)),
+        cpu=platform.processor() or platform.machine(),
+        cores=os.cpu_count(),
+        jax=jax.__version__,
+    )
+
+
+def _flat(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        flat["/".join(str(k.key) for k in path)] = np.asarray(leaf)
+    return flat
+
+
+def _nested(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(value)
+    return tree
+
+
+def save_weights(path: Path, variables: Mapping[str, Any]) -> Path:
+    """The variables as one flat ``.npz`` (``params/conv0/kernel`` keys), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(staging, **_flat(variables))
+    os.replace(staging, path)
+    return path
+
+
+def load_weights(path: Path) -> dict[str, Any]:
+    with np.load(path) as flat:
+        variables = _nested({k: flat[k] for k in flat.files})
+    ifjax.check_variables_finite(variables)
+    return variables
+
+
+def split_file(path: Path, out: Path, limit: int = FILE_LIMIT) -> list[Path]:
+    """Copies ``path`` into ``out`` as ``<name>.part<i>`` pieces of at most ``limit`` bytes."""
+    data = path.read_bytes()
+    pieces = []
+    for i, start in enumerate(range(0, max(len(data), 1), limit)):
+        piece = out / f"{path.name}.part{i}"
+        piece.write_bytes(data[start : start + limit])
+        pieces.append(piece)
+    return pieces
+
+
+def join_parts(folder: Path, name: str, out: Path) -> Path | None:
+    """Joins ``<name>.part0, .part1, ...`` of ``folder`` into ``out`` (None: no parts)."""
+    parts = sorted(folder.glob(f"{name}.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+    if not parts:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp")
+    staging.write_bytes(b"".join(p.read_bytes() for p in parts))
+    os.replace(staging, out)
+    return out
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Data:
+    train: data_lib.ArrayDataset
+    test: data_lib.ArrayDataset
+    evals: list[dict[str, Any]]
+
+
+def load_data(recipe: Recipe, path: str | os.PathLike | None) -> Data:
+    """CIFAR-10 from the zip or its packed ``.npz``, without tfds."""
+    start = time.perf_counter()
+    splits = [
+        data_lib.read_cifar10_zip(s, path, per_class=recipe.per_class) for s in ("train", "test")
+    ]
+    train_set, test_set = splits
+    _say(
+        f"data: {len(train_set)} train / {len(test_set)} test images from {train_set.source} "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
+    return Data(train_set, test_set, sweep.eval_batch_list(test_set, min(500, len(test_set))))
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _model(name: str, recipe: Recipe):
+    return create_model(name, 10, recipe.width)
+
+
+def train_stage(name: str, recipe: Recipe, data: Data, workdir: Path, epochs: int) -> dict:
+    """Trains (or resumes, or finds trained) the base model; returns its summary."""
+    summary_path = workdir / "train.json"
+    summary = _read_json(summary_path)
+    if summary is not None and (workdir / WEIGHTS).exists():
+        _say(f"{name}: trained already ({summary['test_top1']:.2f}%)")
+        return summary
+    model = _model(name, recipe)
+    variables = init_variables(model, 0, (1, 32, 32, 3))
+    loader = data_lib.DeviceBatches(data.train, recipe.batch_size, seed=0)
+    start = time.perf_counter()
+    trained, history = training.fit(
+        model,
+        variables,
+        train_batches=loader,
+        eval_batches=lambda: data.evals,
+        epochs=epochs,
+        steps_per_epoch=loader.steps_per_epoch,
+        optimizer_kind="fast",
+        workdir=workdir / "train",
+        seed=0,
+        checkpoint_every_steps=100 if recipe.name == "cpu" else None,
+        log_every=100,
+        max_steps=recipe.max_steps,
+        nesterov=True,
+        peak_lr=recipe.peak_lr,
+        compute_dtype=recipe.compute_dtype,
+        progress_bar=False,
+    )
+    if len(history) < epochs and recipe.max_steps is None:
+        raise RuntimeError(f"training of {name} stopped before the end; run again to resume")
+    save_weights(workdir / WEIGHTS, trained)
+    top1 = 100 * training.evaluate(model, trained, data.evals)["top1"]
+    steps = loader.steps_per_epoch
+    summary = dict(
+        model=name,
+        width=recipe.width,
+        recipe=dataclasses.asdict(recipe) | {"epochs": epochs},
+        epochs_run=len(history),
+        test_top1=top1,
+        test_images=len(data.test),
+        seconds_this_run=time.perf_counter() - start,
+        train_seconds=sum(r["epoch_seconds"] for r in history),
+        images_per_second=float(np.median([r["images_per_second"] for r in history]))
+        if history
+        else 0.0,
+        steps_per_epoch=steps,
+        history=history,
+        machine=machine(),
+    )
+    _write_json(summary_path, summary)
+    _say(f"{name}: trained {len(history)} epochs, test top-1 {top1:.2f}%")
+    return summary
+
+
+# --------------------------------------------------------------------------- data-free
+
+
+def datafree_stage(
+    name: str, recipe: Recipe, data: Data, workdir: Path, deadline: Deadline, importances
+) -> list[dict]:
+    """The data-free sweep, one importance after another while the deadline allows."""
+    model = _model(name, recipe)
+    variables = load_weights(workdir / WEIGHTS)
+    example = jnp.zeros((1, 32, 32, 3))
+    groups = ifjax.discover_groups(model, variables, example)
+    gradients = None
+    rows: list[dict] = []
+    for importance in importances:
+        if not deadline.allows(30):
+            _say(f"{name}: data-free {importance} left for the next run (deadline)")
+            break
+        if importance == "taylor" and gradients is None:
+            folded = ifjax.fold_batchnorm(variables, groups)
+            gradients = sweep.taylor_gradients(model, folded, data.train, seed=0)
+        start = time.perf_counter()
+        rows += sweep.datafree_sweep(
+            model,
+            variables,
+            data.evals,
+            example_input=example,
+            groups=recipe.groups,
+            sparsities=recipe.sparsities,
+            importances=(importance,),
+            methods=METHODS,
+            paper_lamp=True,
+            gradients=gradients,
+            progress=False,
+            journal=workdir / "datafree.jsonl",
+        )
+        _say(f"{name}: data-free {importance} done in {time.perf_counter() - start:.1f}s")
+    return rows
+
+
+# --------------------------------------------------------------------------- Table 1
+
+
+def _count(variables: Mapping[str, Any]) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
+
+
+def table1_stage(
+    name: str, recipe: Recipe, data: Data, workdir: Path, deadline: Deadline
+) -> list[dict]:
+    """All groups pruned (l1), Default vs Intra-Fusion, evaluated, then fine-tuned."""
+    model = _model(name, recipe)
+    variables = load_weights(workdir / WEIGHTS)
+    journal = workdir / "table1.jsonl"
+    import reproduce
+
+    done = reproduce.read_journal(journal)
+    base = 100 * training.evaluate(model, variables, data.evals)["top1"]
+    for sparsity in recipe.table1_sparsities:
+        for method in TABLE1_METHODS:
+            key = f"{method}@{sparsity}"
+            if key in done:
+                continue
+            if not deadline.allows(45):
+                _say(f"{name}: Table 1 {key} left for the next run (deadline)")
+                return list(done.values())
+            start = time.perf_counter()
+            pruned_model, pruned, _ = ifjax.prune(
+                model,
+                variables,
+                "all",
+                sparsity=sparsity,
+                method=method,
+                importance="l1",
+                example_input=jnp.zeros((1, 32, 32, 3)),
+            )
+            prune_seconds = time.perf_counter() - start
+            pruned_top1 = 100 * training.evaluate(pruned_model, pruned, data.evals)["top1"]
+            loader = data_lib.DeviceBatches(data.train, recipe.batch_size, seed=1)
+            start = time.perf_counter()
+            tuned, history = training.fit(
+                pruned_model,
+                pruned,
+                train_batches=loader,
+                eval_batches=lambda: data.evals,
+                epochs=recipe.finetune_epochs,
+                steps_per_epoch=loader.steps_per_epoch,
+                optimizer_kind="finetune",
+                peak_lr=recipe.finetune_lr,
+                nesterov=True,
+                max_steps=recipe.max_steps,
+                compute_dtype=recipe.compute_dtype,
+                log_every=None,
+                progress_bar=False,
+            )
+            row = dict(
+                key=key,
+                model=name,
+                method=method,
+                sparsity=sparsity,
+                base_top1=base,
+                pruned_top1=pruned_top1,
+                finetuned_top1=100 * training.evaluate(pruned_model, tuned, data.evals)["top1"],
+                finetune_epochs=recipe.finetune_epochs,
+                params=_count(pruned),
+                dense_params=_count(variables),
+                prune_seconds=prune_seconds,
+                finetune_seconds=time.perf_counter() - start,
+            )
+            reproduce.append_journal(journal, row)
+            done[key] = row
+            _say(
+                f"{name}: Table 1 {key}: pruned {pruned_top1:.2f}%, fine-tuned "
+                f"{row['finetuned_top1']:.2f}% ({row['params'] / row['dense_params']:.1%} kept)"
+            )
+    return list(done.values())
+
+
+# --------------------------------------------------------------------------- benches
+
+
+def _timed_rate(step, batch_size: int, steps: int, repeats: int = 3) -> list[float]:
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(steps)
+        rates.append(steps * batch_size / (time.perf_counter() - start))
+    return rates
+
+
+def _ifjax_step(name: str, recipe: Recipe, batch_size: int):
+    model = _model(name, recipe)
+    optimizer = training.make_optimizer("fast", 100, 1, nesterov=True)
+    state = training.create_train_state(model, init_variables(model, 0), optimizer)
+    rng = np.random.default_rng(0)
+    batch = jax.device_put(
+        {
+            "image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, batch_size).astype(np.int32),
+        }
+    )
+
+    def run(steps: int) -> None:
+        nonlocal state
+        for _ in range(steps):
+            state, _ = training.train_step(
+                state, batch, model=model, optimizer=optimizer, compute_dtype=recipe.compute_dtype
+            )
+        jax.block_until_ready(state.params)
+
+    return run
+
+
+def _torch_step(name: str, recipe: Recipe, batch_size: int):
+    import torch
+    import torch.nn.functional as F
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    bench_models = _bench_module("models")
+    constructor = {"vgg11_bn": bench_models.torch_vgg11_bn, "resnet18": bench_models.torch_resnet18}
+    net = constructor[name]().to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+    x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    mixed = recipe.compute_dtype == "bfloat16"
+
+    def run(steps: int) -> None:
+        net.train()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=mixed):
+                loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run, f"torch {torch.__version__} ({device}, eager, channels_last)"
+
+
+def bench_stage(names: Sequence[str], recipe: Recipe, out: Path, deadline: Deadline) -> list:
+    """A training step's images/s, ifjax vs PyTorch, at each of the recipe's batch sizes."""
+    path = out / "bench.json"
+    rows = _read_json(path) or []
+    have = {(r["model"], r["batch_size"], r["framework"]) for r in rows}
+    for name in names:
+        for batch_size in recipe.bench_batches:
+            for framework in ("ifjax", "torch"):
+                if (name, batch_size, framework) in have or not deadline.allows(40):
+                    continue
+                start = time.perf_counter()
+                try:
+                    if framework == "ifjax":
+                        run, label = (
+                            _ifjax_step(name, recipe, batch_size),
+                            f"ifjax, jax {jax.__version__}",
+                        )
+                    else:
+                        run, label = _torch_step(name, recipe, batch_size)
+                    run(1)
+                    first = time.perf_counter() - start
+                    run(3)
+                    rates = _timed_rate(run, batch_size, recipe.bench_steps)
+                except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+                    _say(f"bench {name} {batch_size} {framework} failed: {error!r}")
+                    rows.append(
+                        dict(
+                            model=name,
+                            batch_size=batch_size,
+                            framework=framework,
+                            error=repr(error),
+                        )
+                    )
+                    continue
+                row = dict(
+                    model=name,
+                    batch_size=batch_size,
+                    framework=framework,
+                    implementation=label,
+                    compute_dtype=recipe.compute_dtype or "float32",
+                    first_step_seconds=first,
+                    images_per_second=float(np.median(rates)),
+                    rates=rates,
+                    steps=recipe.bench_steps,
+                    machine=machine(),
+                )
+                rows.append(row)
+                _write_json(path, rows)
+                rate = row["images_per_second"]
+                _say(f"bench {name} batch {batch_size} {framework}: {rate:.0f} img/s")
+    _write_json(path, rows)
+    return rows
+
+
+def replicas_stage(name: str, recipe: Recipe, out: Path, deadline: Deadline) -> list:
+    """k = 1, 2, 4 replicas of ``name``: one vmapped program vs k sequential ones."""
+    bench_replicas = _bench_module("replicas")
+    path = out / "replicas.json"
+    rows = _read_json(path) or []
+    have = {r["k"] for r in rows}
+    model = _model(name, recipe)
+    batch = recipe.bench_batches[0]
+    args = argparse.Namespace(batch_size=batch, steps=recipe.bench_steps, repeats=2, devices=1)
+    for k in recipe.replicas:
+        if k in have or not deadline.allows(60):
+            continue
+        for row in bench_replicas._bench_k(model, k, args):
+            row |= dict(
+                model=name,
+                width=recipe.width,
+                batch_per_replica=batch,
+                steps=args.steps,
+                images_per_second=k * batch * args.steps / row["run"],
+                machine=machine(),
+            )
+            rows.append(row)
+            _say(f"replicas k={k} {row['mode']}: {row['images_per_second']:.0f} img/s")
+        _write_json(path, rows)
+    _write_json(path, rows)
+    return rows
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_stages(
+    recipe: Recipe,
+    models: Sequence[str],
+    stages: Sequence[str],
+    *,
+    data_path: str | os.PathLike | None = None,
+    deadline_s: float | None = None,
+    epochs: Mapping[str, int] | None = None,
+    out: Path | None = None,
+    runs: Path = RUNS,
+    reports: Path = REPORTS,
+    importances: Sequence[str] = IMPORTANCES,
+    bench_models: Sequence[str] | None = None,
+) -> Path:
+    """Runs ``stages`` for ``models`` (in that order) under ``runs/<recipe>``; with ``out``,
+    exports results and weights there after every stage (the device's returned files)."""
+    deadline = Deadline(deadline_s)
+    root = runs / recipe.name
+    root.mkdir(parents=True, exist_ok=True)
+    _say(f"recipe {recipe.name}, models {list(models)}, stages {list(stages)} on {machine()}")
+    data = None
+    needs_data = {"train", "datafree", "table1"} & set(stages)
+    if needs_data:
+        data = load_data(recipe, data_path)
+    epochs = {**recipe.epochs, **(epochs or {})}
+    if "bench" in stages:
+        bench_stage(bench_models or models, recipe, root, deadline)
+        _export(root, out, models)
+    for name in models:
+        workdir = root / name
+        if "train" in stages:
+            train_stage(name, recipe, data, workdir, epochs[name])
+            _export(root, out, models)
+        if "datafree" in stages and (workdir / WEIGHTS).exists():
+            datafree_stage(name, recipe, data, workdir, deadline, importances)
+            _export(root, out, models)
+        if "table1" in stages and (workdir / WEIGHTS).exists():
+            table1_stage(name, recipe, data, workdir, deadline)
+            _export(root, out, models)
+    if "replicas" in stages:
+        replicas_stage(models[0], recipe, root, deadline)
+        _export(root, out, models)
+    if "report" in stages:
+        write_reports(runs, reports)
+    return root
+
+
+def _export(root: Path, out: Path | None, models: Sequence[str]) -> None:
+    """Copies the recipe's results (small files, one zip) and weights (pieces) to ``out``."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(root.rglob("*")):
+            relative = path.relative_to(root)
+            if (
+                path.is_file()
+                and relative.parts[-1][0] != "."
+                and "checkpoints" not in relative.parts
+            ):
+                if path.suffix in (".json", ".jsonl", ".csv"):
+                    archive.write(path, relative.as_posix())
+    staging = out / f".{RESULTS}.tmp"
+    staging.write_bytes(buffer.getvalue())
+    os.replace(staging, out / RESULTS)
+    for name in models:
+        weights = root / name / WEIGHTS
+        if weights.exists() and not (out / f"{name}.{WEIGHTS}.part0").exists():
+            split_file(weights, out, FILE_LIMIT)
+            for piece in out.glob(f"{WEIGHTS}.part*"):
+                piece.rename(out / f"{name}.{piece.name}")
+
+
+def unpack(returned: Path, runs: Path = RUNS, recipe: str = "gpu") -> list[Path]:
+    """Puts the files a device run returned under ``runs/<recipe>``; returns what it wrote."""
+    root = runs / recipe
+    written = []
+    results = returned / RESULTS
+    if not results.exists():
+        raise FileNotFoundError(f"{returned} holds no {RESULTS}: not a device run's output")
+    with zipfile.ZipFile(results) as archive:
+        for member in archive.namelist():
+            target = root / member
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if member.endswith(".jsonl") and target.exists():
+                # journals: keep every row of both (a later run may have added rows)
+                lines = dict.fromkeys(target.read_text().splitlines())
+                lines |= dict.fromkeys(archive.read(member).decode().splitlines())
+                target.write_text("".join(f"{line}\n" for line in lines if line))
+            else:
+                target.write_bytes(archive.read(member))
+            written.append(target)
+    for name in MODELS:
+        joined = join_parts(returned, f"{name}.{WEIGHTS}", root / name / WEIGHTS)
+        if joined is not None:
+            load_weights(joined)  # a corrupt or truncated transfer fails here
+            written.append(joined)
+    return written
+
+
+# --------------------------------------------------------------------------- device run
+
+
+def _tree_bytes() -> int:
+    """Bytes of what the device tool sends: tracked and untracked-not-ignored files."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    return sum(
+        (ROOT / os.fsdecode(p)).stat().st_size
+        for p in listed
+        if p and (ROOT / os.fsdecode(p)).is_file()
+    )
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def device_command(
+    model: str, stages: Sequence[str], deadline_s: int, folder: str = ".device", extra: str = ""
+) -> str:
+    """The shell command that runs ``stages`` of ``model`` on the GPU machine."""
+    install = (
+        f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
+        f"--target /tmp/site {folder}/wheels/*.whl && export PYTHONPATH=/tmp/site || exit 1; "
+    )
+    return (
+        install
+        + "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; "
+        # JAX takes half the GPU's memory, leaving PyTorch (the bench) the rest
+        + "XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 PYTHONUNBUFFERED=1 "
+        + "python3 reports/reproduce.py fullwidth --recipe gpu "
+        + f"--models {model} --stages {' '.join(stages)} --data {folder}/cifar10.npz "
+        + f"--deadline-s {deadline_s} "
+        + f"--out $OUT{extra} 2>&1 | tee $OUT/log.txt"
+    )
+
+
+def prepare_device(
+    dest: Path = DEVICE_DIR, *, wheels: bool = True, per_class: int | None = None
+) -> dict:
+    """Prepares the folder that travels to the GPU: the packed data, the wheels, the
+    commands; checks that it fits in what may travel."""
+    dest.mkdir(parents=True, exist_ok=True)
+    packed = dest / "cifar10.npz"
+    if not packed.exists() or per_class is not None:
+        data_lib.pack_cifar10(packed, per_class=per_class)
+    wheel_dir = dest / "wheels"
+    wheel_dir.mkdir(exist_ok=True)
+    if wheels:
+        for spec in WHEELS:
+            name = spec.split("==")[0].replace("-", "_").lower()
+            if not any(p.name.lower().startswith(name) for p in wheel_dir.glob("*.whl")):
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "-q",
+                        "--no-deps",
+                        "--only-binary=:all:",
+                        "--python-version",
+                        "3.12",
+                        "--implementation",
+                        "cp",
+                        "--platform",
+                        "manylinux_2_28_x86_64",
+                        "--platform",
+                        "manylinux_2_27_x86_64",
+                        "--platform",
+                        "manylinux_2_17_x86_64",
+                        "--platform",
+                        "manylinux2014_x86_64",
+                        "-d",
+                        str(wheel_dir),
+                        spec,
+                    ],
+                    check=True,
+                )
+    carried = _folder_bytes(dest)
+    inside = dest.resolve().is_relative_to(ROOT)
+    tree = _tree_bytes()
+    total = tree + (carried if inside else 0)
+    commands = {
+        "1": device_command(
+            "vgg11_bn",
+            ("bench", "train", "datafree", "table1"),
+            290,
+            extra=" --bench-models vgg11_bn resnet18",
+        ),
+        "2": device_command("resnet18", ("train", "datafree", "table1", "replicas"), 290),
+    }
+    plan = dict(
+        folder=str(dest),
+        packed_data_bytes=packed.stat().st_size,
+        wheels=sorted(p.name for p in wheel_dir.glob("*.whl")),
+        carried_bytes=carried,
+        tree_bytes=tree,
+        total_bytes=total,
+        fits=total < TREE_LIMIT,
+        commands=commands,
+        carry=[dest.name] if inside else [],
+    )
+    _write_json(dest / "plan.json", plan)
+    if not plan["fits"]:
+        raise RuntimeError(
+            f"{total / 2**20:.1f} MiB would travel, over {TREE_LIMIT / 2**20:.0f} MiB"
+        )
+    return plan
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _results(runs: Path) -> dict[str, Any]:
+    """The newest results: per model the GPU's where present, else the CPU's."""
+    found: dict[str, Any] = {"models": {}, "bench": [], "replicas": []}
+    for recipe in ("cpu", "gpu", "tiny"):
+        root = runs / recipe
+        if not root.is_dir():
+            continue
+        found["bench"] = _read_json(root / "bench.json") or found["bench"]
+        found["replicas"] = _read_json(root / "replicas.json") or found["replicas"]
+        for name in MODELS:
+            trained = _read_json(root / name / "train.json")
+            if trained is None or (recipe == "tiny" and found["models"]):
+                continue
+            import reproduce
+
+            found["models"][name] = dict(
+                recipe=recipe,
+                train=trained,
+                datafree=[dict(r) for r in _datafree_rows(root / name / "datafree.jsonl")],
+                table1=list(reproduce.read_journal(root / name / "table1.jsonl").values()),
+            )
+    return found
+
+
+def _datafree_rows(journal: Path) -> list[dict]:
+    rows = []
+    if not journal.exists():
+        return rows
+    for line in journal.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "row" in record:
+            rows.append(record["row"])
+    return rows
+
+
+def write_reports(runs: Path = RUNS, reports: Path = REPORTS) -> list[Path]:
+    """``reports/fullwidth.md`` (+ CSVs, plots) and, with GPU benches, ``reports/gpu.md``."""
+    import fullwidth_report
+
+    found = _results(runs)
+    written = []
+    if found["models"]:
+        written += fullwidth_report.write_fullwidth(found, reports)
+    if found["bench"] or found["replicas"]:
+        written.append(fullwidth_report.write_gpu(found, reports))
+    for path in written:
+        _say(f"wrote {path}")
+    return written
+
+
+# --------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", choices=tuple(RECIPES), help="default: gpu on a GPU, else cpu")
+    parser.add_argument("--tiny", action="store_true", help="= --recipe tiny (CI scale)")
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, help="default: GPU both, CPU vgg11_bn"
+    )
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, help="default: train datafree table1 report"
+    )
+    parser.add_argument(
+        "--bench-models", nargs="+", choices=MODELS, help="models of the bench stage"
+    )
+    parser.add_argument("--importances", nargs="+", choices=IMPORTANCES, default=list(IMPORTANCES))
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
+    parser.add_argument("--data", help="the zip or its packed .npz (default: ../shared/data zip)")
+    parser.add_argument("--deadline-s", type=float, help="stop starting work after this long")
+    parser.add_argument("--out", type=Path, help="export results and weights here (device runs)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where runs live")
+    parser.add_argument("--reports", type=Path, default=REPORTS, help="where reports go")
+    parser.add_argument(
+        "--device-run",
+        nargs="+",
+        metavar=("prepare|unpack", "DIR"),
+        help="prepare [DIR]: the folder for the GPU; unpack DIR: its results",
+    )
+    parser.add_argument("--no-wheels", action="store_true", help="prepare without the wheels")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.device_run:
+        action, *rest = args.device_run
+        if action == "prepare":
+            dest = Path(rest[0]) if rest else DEVICE_DIR
+            per_class = RECIPES["tiny"].per_class if args.tiny else None
+            plan = prepare_device(dest, wheels=not args.no_wheels, per_class=per_class)
+            print(json.dumps(plan, indent=1))
+            return 0
+        if action == "unpack" and rest:
+            for path in unpack(Path(rest[0]), args.runs, "tiny" if args.tiny else "gpu"):
+                _say(f"unpacked {path}")
+            write_reports(args.runs, args.reports)
+            return 0
+        raise SystemExit("--device-run takes 'prepare [DIR]' or 'unpack DIR'")
+    gpu = jax.default_backend() == "gpu"
+    recipe = RECIPES["tiny" if args.tiny else args.recipe or ("gpu" if gpu else "cpu")]
+    models = args.models or (list(MODELS) if recipe.name != "cpu" else ["vgg11_bn"])
+    stages = args.stages or ["train", "datafree", "table1", "report"]
+    epochs = {m: args.epochs for m in models} if args.epochs else None
+    run_stages(
+        recipe,
+        models,
+        stages,
+        data_path=args.data,
+        deadline_s=args.deadline_s,
+        epochs=epochs,
+        out=args.out,
+        runs=args.runs,
+        reports=args.reports,
+        importances=args.importances,
+        bench_models=args.bench_models,
+    )
+    return 0

@@ -1,0 +1,348 @@
+"""Writes ``reports/fullwidth.md`` and ``reports/gpu.md`` from the results of
+``reports/fullwidth.py`` (see there); tables beside the paper's numbers, CSVs and plots."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import reproduce
+
+from train import paper, sweep
+
+LABELS = {"vgg11_bn": "VGG11-BN", "resnet18": "ResNet18"}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+    return path
+
+
+def _csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    staging = path.with_name(f".{path.name}.tmp")
+    with open(staging, "w", newline="") as file:
+        writer = csv.DictWriter(file, columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    os.replace(staging, path)
+    return path
+
+
+def _device(result: Mapping[str, Any]) -> str:
+    m = result["train"]["machine"]
+    if m["platform"] == "gpu":
+        return f"{m['device']} (jax {m['jax']})"
+    return f"{m['cpu']}, {m['cores']} cores, no GPU (jax {m['jax']})"
+
+
+def _recipe_line(train: Mapping[str, Any]) -> str:
+    r = train["recipe"]
+    dtype = r["compute_dtype"] or "float32"
+    return (
+        f"{r['epochs']} epochs, batch {r['batch_size']}, SGD Nesterov momentum 0.9, weight "
+        f"decay 5e-4, one-cycle (warm-up 15% from {r['peak_lr'] / 10:g} to {r['peak_lr']:g}, "
+        f"cosine to 0), crop + flip on the device, {dtype} steps"
+    )
+
+
+def _base_table(found: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| model | machine | recipe | epochs run | test top-1 | paper's base | training time |"
+        " images/s (training) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, result in found["models"].items():
+        t = result["train"]
+        low, high = reproduce_paper_base(name)
+        lines.append(
+            f"| {LABELS[name]} x{t['width']:g} | {_device(result)} | {_recipe_line(t)} | "
+            f"{t['epochs_run']} | **{t['test_top1']:.2f}%** | {low:.1f}-{high:.1f}% | "
+            f"{t['train_seconds'] / 60:.1f} min | {t['images_per_second']:.0f} |"
+        )
+    return lines
+
+
+def reproduce_paper_base(name: str) -> tuple[float, float]:
+    import fullwidth
+
+    return fullwidth.PAPER_BASE[name]
+
+
+def _plot_training(found: Mapping[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
+    for name, result in found["models"].items():
+        history = result["train"]["history"]
+        if history:
+            ax.plot(
+                [r["epoch"] for r in history],
+                [100 * r["test_top1"] for r in history],
+                marker=".",
+                label=f"{LABELS[name]} ({result['recipe']})",
+            )
+        low, high = reproduce_paper_base(name)
+        ax.axhspan(low, high, alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylim(50, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Full-width training (bands: the paper's base accuracies)", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _absolute_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """How far our absolute accuracies are from the paper's, per method."""
+    lines = []
+    for method, column in (("default", "paper_default"), ("intra_fusion", "paper_intra_fusion")):
+        pairs = [
+            (r["top1"], float(r[column]))
+            for r in rows
+            if r["method"] == method and r.get(column, "") != ""
+        ]
+        if not pairs:
+            continue
+        diff = np.array([a - b for a, b in pairs])
+        lines.append(
+            f"- {sweep.METHOD_LABELS.get(method, method)}: ours minus the paper's top-1 over "
+            f"{len(pairs)} cells: mean {diff.mean():+.2f}, median {np.median(diff):+.2f}, "
+            f"within 1 point in {int(np.sum(np.abs(diff) <= 1))}, within 3 points in "
+            f"{int(np.sum(np.abs(diff) <= 3))}."
+        )
+    return lines
+
+
+def _first_conv_lines(name: str, cells: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
+    """The cells of the group farthest from the output (the first convolution)."""
+    if not cells:
+        return []
+    group = max(k[0] for k in cells)
+    lines = [
+        f"Group {group} (the first convolution's output channels):",
+        "",
+        "| importance | sparsity | our Default | our gain | paper's Default | paper's gain |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for (g, sparsity, importance), c in sorted(cells.items(), key=lambda kc: (kc[0][2], kc[0][1])):
+        if g != group or "intra_fusion" not in c or "default" not in c:
+            continue
+        paper_cols = (
+            f"{c['paper_default']:.2f} | {c['paper_gain']:+.2f}" if "paper_gain" in c else "- | -"
+        )
+        lines.append(
+            f"| {importance} | {sparsity:.0%} | {c['default']:.2f} | "
+            f"{c['intra_fusion'] - c['default']:+.2f} | {paper_cols} |"
+        )
+    return lines
+
+
+def _datafree_section(name: str, result: Mapping[str, Any], reports: Path) -> list[str]:
+    import fullwidth
+
+    rows = result["datafree"]
+    if not rows:
+        return [f"Not run yet for {LABELS[name]}.", ""]
+    table = paper.paper_datafree(name, "cifar10")
+    label = dict(model=name, dataset="cifar10")
+    rows = sweep.add_paper_columns([label | r for r in rows], table)
+    csv_path = _csv(rows, reports / "data" / f"fullwidth_datafree_{name}.csv")
+    cells = reproduce._cells(rows)
+    plot = reproduce._plot_gain_maps(
+        cells,
+        f"{name} (full width)",
+        reports / "figures" / f"fullwidth_datafree_{name}.png",
+        fullwidth.SPARSITIES,
+    )
+    importances = sorted({r["importance"] for r in rows})
+    groups = sorted({int(r["group"]) for r in rows})
+    lines = [
+        f"{len(rows)} evaluations: groups {groups[0]}-{groups[-1]} (0 nearest the output) x "
+        f"{', '.join(f'{s:.0%}' for s in fullwidth.SPARSITIES)} x {', '.join(importances)} x "
+        "Default / Intra-Fusion exact / Intra-Fusion Sinkhorn, one group at a time, BatchNorm "
+        "folded, no data used; 'lamp' scored with the released code's LAMP, as the paper's "
+        f"numbers. Base model, folded, on these test images: {rows[0]['base_top1']:.2f}%.",
+        "",
+        *reproduce._summary_lines(cells),
+        "",
+        "Absolute accuracies (the widths are the paper's now):",
+        "",
+        *_absolute_lines(rows),
+        "",
+        *reproduce._solver_lines(cells),
+        "",
+        *_first_conv_lines(name, cells),
+        "",
+        f"![gains]({plot.relative_to(reports).as_posix()})",
+        "",
+        "Where the sign differs from the paper's:",
+        "",
+        *reproduce._disagreements(cells, limit=10),
+        "",
+    ]
+    for importance in importances:
+        lines += [
+            f"#### {importance}: gains per cell",
+            "",
+            *reproduce._gain_table(cells, importance, fullwidth.SPARSITIES),
+            "",
+        ]
+    lines += [f"Raw rows: `{csv_path.relative_to(reports.parent).as_posix()}`.", ""]
+    return lines
+
+
+def _table1_section(name: str, result: Mapping[str, Any], reports: Path) -> list[str]:
+    rows = result["table1"]
+    if not rows:
+        return [f"Not run yet for {LABELS[name]}.", ""]
+    csv_path = _csv(rows, reports / "data" / f"fullwidth_table1_{name}.csv")
+    table = paper.paper_finetuned(name, "cifar10") or {}
+    by = {(round(r["sparsity"], 6), r["method"]): r for r in rows}
+    epochs = rows[0]["finetune_epochs"]
+    lines = [
+        f"All groups pruned at once (l1, BatchNorm folded, exact solver), evaluated, then "
+        f"fine-tuned {epochs} epoch(s) (constant lr, batch as training; the paper "
+        "fine-tunes far longer). Base: "
+        f"{rows[0]['base_top1']:.2f}% (paper's base {next(iter(table.values()))[0]:.2f}%)."
+        if table
+        else f"Fine-tuned {epochs} epoch(s).",
+        "",
+        "| neuron sparsity | weights kept | Default pruned | IF pruned | Default fine-tuned | "
+        "IF fine-tuned | gain after fine-tuning | paper Default | paper IF | paper gain |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    agree = compared = 0
+    for sparsity in sorted({k[0] for k in by}):
+        d, f = by.get((sparsity, "default")), by.get((sparsity, "intra_fusion"))
+        if d is None or f is None:
+            continue
+        gain = f["finetuned_top1"] - d["finetuned_top1"]
+        theirs = table.get(sparsity)
+        paper_cols = "- | - | -"
+        if theirs is not None:
+            paper_gain = theirs[2] - theirs[1]
+            compared += 1
+            agree += reproduce._sign(gain) == reproduce._sign(paper_gain)
+            paper_cols = f"{theirs[1]:.2f} | {theirs[2]:.2f} | {paper_gain:+.2f}"
+        lines.append(
+            f"| {sparsity:.0%} | {d['params'] / d['dense_params']:.1%} | {d['pruned_top1']:.2f} | "
+            f"{f['pruned_top1']:.2f} | {d['finetuned_top1']:.2f} | {f['finetuned_top1']:.2f} | "
+            f"{gain:+.2f} | {paper_cols} |"
+        )
+    if compared:
+        lines += ["", f"The gain after fine-tuning has the paper's sign in {agree}/{compared} rows"]
+    lines += ["", f"Raw rows: `{csv_path.relative_to(reports.parent).as_posix()}`.", ""]
+    return lines
+
+
+def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
+    plot = _plot_training(found, reports / "figures" / "fullwidth_training.png")
+    lines = [
+        "# The paper at full width: VGG11-BN and ResNet18 on CIFAR-10",
+        "",
+        "Regenerate: `python reports/reproduce.py fullwidth` (this CPU: VGG11-BN, resumable "
+        "over several runs), or on one GPU `python reports/reproduce.py fullwidth "
+        "--device-run prepare`, the two printed device commands, then `--device-run unpack "
+        "DIR` (see `reports/fullwidth.py`). ResNet18 at full width is a GPU-only stage: on "
+        "this 2-core CPU an epoch takes about 4x VGG11-BN's.",
+        "",
+        "Data: the offline CIFAR-10 JPEG export (50,000 / 10,000), read from the zip (or its "
+        "packed copy) without tfds; JPEG pixels differ slightly from the original release.",
+        "",
+        "## Base models",
+        "",
+        *_base_table(found),
+        "",
+        f"![training]({plot.relative_to(reports).as_posix()})",
+        "",
+    ]
+    for name, result in found["models"].items():
+        lines += [
+            f"## {LABELS[name]}: data-free pruning (machine: {_device(result)})",
+            "",
+            *_datafree_section(name, result, reports),
+            f"## {LABELS[name]}: Table 1, pruned and fine-tuned (machine: {_device(result)})",
+            "",
+            *_table1_section(name, result, reports),
+        ]
+    return [_write(reports / "fullwidth.md", "\n".join(lines)), plot]
+
+
+def write_gpu(found: Mapping[str, Any], reports: Path) -> Path:
+    bench, replicas = found["bench"], found["replicas"]
+    machines = {r["machine"]["device"] for r in [*bench, *replicas] if "machine" in r}
+    lines = [
+        "# ifjax on a GPU: training-step throughput and split-data replicas",
+        "",
+        f"Device: {', '.join(sorted(machines)) or '?'}. Measured by `reports/reproduce.py "
+        "fullwidth` (stages `bench` and `replicas`, see `reports/fullwidth.py`).",
+        "",
+        "## A training step, ifjax vs PyTorch",
+        "",
+        "Synthetic CIFAR-sized batches already on the device; SGD Nesterov with weight "
+        "decay; each number the median of 3 timings of the same number of steps after a "
+        "warm-up. ifjax: `train.training.train_step` (jit, mixed precision as in training); "
+        "PyTorch: eager, channels_last, autocast to the same dtype, cudnn.benchmark.",
+        "",
+        "| model | batch | dtype | ifjax images/s | PyTorch images/s | ifjax / PyTorch | "
+        "ifjax first step (compile) s |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    by = {(r["model"], r["batch_size"], r["framework"]): r for r in bench}
+    for model, batch in sorted({(r["model"], r["batch_size"]) for r in bench}):
+        ours, theirs = by.get((model, batch, "ifjax"), {}), by.get((model, batch, "torch"), {})
+        rate = lambda r: f"{r['images_per_second']:.0f}" if "images_per_second" in r else "failed"
+        ratio = (
+            f"{ours['images_per_second'] / theirs['images_per_second']:.2f}x"
+            if "images_per_second" in ours and "images_per_second" in theirs
+            else "-"
+        )
+        first = f"{ours['first_step_seconds']:.1f}" if "first_step_seconds" in ours else "-"
+        lines.append(
+            f"| {LABELS.get(model, model)} | {batch} | {ours.get('compute_dtype', '?')} | "
+            f"{rate(ours)} | {rate(theirs)} | {ratio} | {first} |"
+        )
+    errors = [r for r in bench if "error" in r]
+    if errors:
+        lines.append("")
+        lines += [
+            f"- {r['model']} {r['batch_size']} {r['framework']}: {r['error']}" for r in errors
+        ]
+    lines += ["", "## Split-data training: k replicas vmapped vs k sequential runs", ""]
+    if replicas:
+        r0 = replicas[0]
+        lines += [
+            f"{LABELS.get(r0['model'], r0['model'])} x{r0['width']:g}, batch "
+            f"{r0['batch_per_replica']} per replica, {r0['steps']} timed steps (float32, "
+            "`bench/replicas.py`).",
+            "",
+            "| k | mode | s per step (all k) | images/s | speedup vs sequential | compile s |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+        sequential = {r["k"]: r["run"] for r in replicas if r["mode"] == "sequential"}
+        for r in replicas:
+            base = sequential.get(r["k"])
+            speedup = f"{base / r['run']:.2f}x" if base else "-"
+            lines.append(
+                f"| {r['k']} | {r['mode']} | {r['run'] / r['steps']:.4f} | "
+                f"{r['images_per_second']:.0f} | {speedup} | {r['compile']:.1f} |"
+            )
+    else:
+        lines.append("Not measured yet.")
+    return _write(reports / "gpu.md", "\n".join(lines) + "\n")
