@@ -251,6 +251,106 @@ def _table1_section(name: str, result: Mapping[str, Any], reports: Path) -> list
     return lines
 
 
+def _paired(rows, method="intra_fusion"):
+    """(our gain, paper's gain) per cell that the paper has."""
+    cells = reproduce._cells(rows)
+    return [
+        (c[method] - c["default"], c["paper_gain"])
+        for c in cells.values()
+        if method in c and "default" in c and "paper_gain" in c
+    ], cells
+
+
+def _summary(found: Mapping[str, Any]) -> list[str]:
+    """Where we agree with the paper and where not, in numbers; then what is not run yet."""
+    import fullwidth
+
+    lines = []
+    for name, result in found["models"].items():
+        t, label = result["train"], LABELS[name]
+        low, high = reproduce_paper_base(name)
+        check = result.get("check")
+        checked = (
+            f" (the returned weights evaluated on this CPU: {check['top1']:.2f}%)" if check else ""
+        )
+        lines.append(
+            f"- **{label} base model**: {t['test_top1']:.2f}% after {t['epochs_run']} epochs on "
+            f"{_device(result)}{checked}, against the paper's {low:.1f}-{high:.1f}% after 300 "
+            f"epochs: {t['test_top1'] - low:+.1f} points from the paper's low end."
+        )
+        rows = sweep.add_paper_columns(
+            [dict(model=name, dataset="cifar10") | r for r in result["datafree"]],
+            paper.paper_datafree(name, "cifar10"),
+        )
+        pairs, cells = _paired(rows)
+        if pairs:
+            ours, theirs = np.array(pairs).T
+            agree = sum(reproduce._sign(a) == reproduce._sign(b) for a, b in pairs)
+            corr = np.corrcoef(ours, theirs)[0, 1] if np.std(ours) * np.std(theirs) else 0.0
+            lines.append(
+                f"- **{label} data-free** ({len(pairs)} of our {len(cells)} cells are in the "
+                f"paper; {', '.join(sorted({r['importance'] for r in rows}))}): Intra-Fusion's "
+                f"gain over Default has the paper's sign in {agree}/{len(pairs)} cells; the gains "
+                f"correlate at {corr:.2f}; our mean gain {ours.mean():+.2f} vs the paper's "
+                f"{theirs.mean():+.2f} points."
+            )
+            first = max(k[0] for k in cells)
+            firsts = [
+                (c["intra_fusion"] - c["default"], c.get("paper_gain"))
+                for k, c in cells.items()
+                if k[0] == first and "intra_fusion" in c and "default" in c
+            ]
+            worse = sum(g < 0 for g, _ in firsts)
+            paper_has = [p for _, p in firsts if p is not None]
+            lines.append(
+                f"  - first convolution (group {first}): Intra-Fusion is worse than Default in "
+                f"{worse}/{len(firsts)} of its cells"
+                + (
+                    f"; the paper's in {sum(p < 0 for p in paper_has)}/{len(paper_has)}."
+                    if paper_has
+                    else "; the paper has no numbers for this group."
+                )
+            )
+        table = paper.paper_finetuned(name, "cifar10") or {}
+        by = {(round(r["sparsity"], 6), r["method"]): r for r in result["table1"]}
+        gains = [
+            (
+                by[(s, "intra_fusion")]["finetuned_top1"] - by[(s, "default")]["finetuned_top1"],
+                table[s][2] - table[s][1],
+            )
+            for s in sorted({k[0] for k in by})
+            if (s, "default") in by and (s, "intra_fusion") in by and s in table
+        ]
+        if gains:
+            agree = sum(reproduce._sign(a) == reproduce._sign(b) for a, b in gains)
+            epochs = result["table1"][0]["finetune_epochs"]
+            lines.append(
+                f"- **{label} Table 1**: after {epochs} fine-tuning epoch(s) the gain has the "
+                f"paper's sign in {agree}/{len(gains)} rows; our gains "
+                f"({', '.join(f'{a:+.2f}' for a, _ in gains)}) are far larger than the paper's "
+                f"({', '.join(f'{b:+.2f}' for _, b in gains)}) because so short a fine-tune "
+                "leaves both far from convergence, where the better start still shows."
+            )
+    missing = []
+    for name, result in found["models"].items():
+        done = {r["importance"] for r in result["datafree"]}
+        left = [i for i in fullwidth.IMPORTANCES if i not in done]
+        if left:
+            missing.append(f"{LABELS[name]}'s data-free {', '.join(left)}")
+        rows = len(result["table1"])
+        wanted = 2 * len(fullwidth.TABLE1_SPARSITIES)
+        if rows < wanted:
+            missing.append(f"{LABELS[name]}'s Table 1 ({rows}/{wanted} rows)")
+    if not found["replicas"]:
+        missing.append("the replicas bench")
+    if missing:
+        lines.append(
+            f"- **Not run yet**: {'; '.join(missing)}. They are what the next GPU session runs "
+            "(see `reports/fullwidth.py`); on the GPU each is a matter of seconds to a minute."
+        )
+    return lines
+
+
 def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
     plot = _plot_training(found, reports / "figures" / "fullwidth_training.png")
     lines = [
@@ -264,6 +364,14 @@ def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
         "",
         "Data: the offline CIFAR-10 JPEG export (50,000 / 10,000), read from the zip (or its "
         "packed copy) without tfds; JPEG pixels differ slightly from the original release.",
+        "",
+        "Every number below names the machine that measured it. The recipe of each base model "
+        "is the one its run recorded; `RECIPES` in `reports/fullwidth.py` holds the one the "
+        "next run uses.",
+        "",
+        "## Summary: where we agree with the paper and where not",
+        "",
+        *_summary(found),
         "",
         "## Base models",
         "",

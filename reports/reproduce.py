@@ -304,6 +304,8 @@ def _gain_table(
             ("intra_fusion_sinkhorn", "gain, Sinkhorn"),
             ("intra_fusion_row_average", "gain, row-average"),
         ):
+            if not any(method in c for c in row):
+                continue
             lines.append(
                 f"| {group} | {label} | "
                 + " | ".join(f"{_gain(c, method):+.2f}" if method in c else "" for c in row)

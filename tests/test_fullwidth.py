@@ -1,0 +1,316 @@
+"""reports/fullwidth.py (issue 20) at tiny scale, GPU packaging and unpacking included, and
+the pieces it adds to the library: the zip read without tfds, batches made on the device,
+mixed-precision training steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.registry import create_model, init_variables
+from train import data as data_lib
+from train import training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_zip(path: Path, per_class: int) -> Path:
+    """A zip in the offline CIFAR-10 layout: random 32x32 JPEGs, a few per class."""
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as archive:
+        for split in ("train", "test"):
+            for name in data_lib.CIFAR10_CLASSES:
+                for i in range(per_class):
+                    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                    buffer = io.BytesIO()
+                    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+                    archive.writestr(f"cifar10/{split}/{name}/{i:04d}.jpg", buffer.getvalue())
+    return path
+
+
+@pytest.fixture(scope="module")
+def cifar_zip(tmp_path_factory):
+    return _write_zip(tmp_path_factory.mktemp("zip") / "cifar10-jpeg.zip", per_class=20)
+
+
+@pytest.fixture(scope="module")
+def fullwidth():
+    sys.path.insert(0, str(ROOT / "reports"))
+    spec = importlib.util.spec_from_file_location("fullwidth", ROOT / "reports" / "fullwidth.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fullwidth"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_zip_and_packed_decode_to_the_same_pixels_in_name_order(cifar_zip, tmp_path):
+    test = data_lib.read_cifar10_zip("test", cifar_zip)
+    assert test.images.shape == (200, 32, 32, 3) and test.images.dtype == np.uint8
+    assert list(test.labels) == [c for c in range(10) for _ in range(20)]
+    with zipfile.ZipFile(cifar_zip) as archive:  # example 21 is class 1's second file
+        with Image.open(io.BytesIO(archive.read("cifar10/test/automobile/0001.jpg"))) as image:
+            np.testing.assert_array_equal(test.images[21], np.asarray(image))
+    packed = data_lib.pack_cifar10(tmp_path / "cifar10.npz", cifar_zip)
+    for split in ("train", "test"):
+        a = data_lib.read_cifar10_zip(split, cifar_zip)
+        b = data_lib.read_cifar10_zip(split, packed)
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.labels, b.labels)
+    few = data_lib.read_cifar10_zip("train", cifar_zip, per_class=3)
+    assert list(few.labels) == [c for c in range(10) for _ in range(3)]
+
+
+def test_packed_file_errors_name_the_problem(cifar_zip, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        data_lib.read_cifar10_zip("train", tmp_path / "missing.zip")
+    with pytest.raises(ValueError, match="split must be"):
+        data_lib.read_cifar10_zip("validation", cifar_zip)
+    packed = data_lib.pack_cifar10(tmp_path / "p.npz", cifar_zip, per_class=2)
+    with np.load(packed) as arrays:
+        broken = dict(arrays)
+    broken["test_jpeg"] = broken["test_jpeg"][:-10]  # a truncated transfer
+    np.savez(tmp_path / "broken.npz", **broken)
+    with pytest.raises(ValueError, match="corrupt"):
+        data_lib.read_cifar10_zip("test", tmp_path / "broken.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a packed CIFAR-10"):
+        data_lib.read_cifar10_zip("test", tmp_path / "other.npz")
+
+
+def test_data_layer_imports_without_tensorflow_datasets():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'tensorflow_datasets':\n"
+        "            raise ModuleNotFoundError('no tfds here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import train.data, train.sweep, train.training, train.jobs\n"
+        "sys.path.insert(0, 'reports')\n"
+        "import fullwidth\n"
+        "assert 'tensorflow_datasets' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_device_batches_are_crops_and_flips_of_their_examples_and_resume_exactly(cifar_zip):
+    dataset = data_lib.read_cifar10_zip("test", cifar_zip)
+    loader = data_lib.DeviceBatches(dataset, 32, seed=3)
+    assert loader.steps_per_epoch == 6
+    epoch = list(loader(1))
+    assert len(epoch) == 6
+    np.testing.assert_array_equal(list(loader(1, start_step=4))[0]["image"], epoch[4]["image"])
+    assert not np.array_equal(list(loader(2))[0]["image"], epoch[0]["image"])
+    order = data_lib.epoch_order(len(dataset), shuffle=True, seed=3, epoch=1)[:32]
+    np.testing.assert_array_equal(epoch[0]["label"], dataset.labels[order])
+    padded = np.pad(data_lib.normalize(dataset.images[order]), ((0, 0), (4, 4), (4, 4), (0, 0)))
+    padded[:, :4] = padded[:, -4:] = padded[:, :, :4] = padded[:, :, -4:] = data_lib.normalize(
+        np.zeros((1, 1, 1, 3), np.uint8)
+    )  # zero pixels normalise to -mean/std
+    flips = 0
+    for image, source in zip(np.asarray(epoch[0]["image"]), padded, strict=True):
+        crops = [
+            (r, c, f)
+            for r in range(9)
+            for c in range(9)
+            for f in (False, True)
+            if np.allclose(
+                image,
+                source[r : r + 32, c : c + 32][:, ::-1] if f else source[r : r + 32, c : c + 32],
+                atol=1e-5,
+            )
+        ]
+        assert crops, "an augmented image is no crop (or mirrored crop) of its example"
+        flips += all(f for _, _, f in crops)
+    assert 0 < flips < 32  # both flipped and unflipped images occur
+    with pytest.raises(ValueError, match="batch_size"):
+        data_lib.DeviceBatches(dataset, 0)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_mixed_precision_step_keeps_float32_state_and_follows_the_float32_step():
+    model = create_model("vgg11_bn", 10, 0.125)
+    variables = init_variables(model, 0)
+    optimizer = training.make_optimizer("fast", 10, 1)
+    state = training.create_train_state(model, variables, optimizer)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(16, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32),
+    }
+    full, full_metrics = training.train_step(state, batch, model=model, optimizer=optimizer)
+    mixed, mixed_metrics = training.train_step(
+        state, batch, model=model, optimizer=optimizer, compute_dtype="bfloat16"
+    )
+    for leaf in jax.tree.leaves((mixed.params, mixed.batch_stats, mixed.opt_state)):
+        assert leaf.dtype in (jnp.float32, jnp.int32)
+    assert abs(float(mixed_metrics["loss"]) - float(full_metrics["loss"])) < 0.05
+    moved_full = jax.tree.map(lambda a, b: a - b, full.params, state.params)
+    moved_mixed = jax.tree.map(lambda a, b: a - b, mixed.params, state.params)
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(moved_full)])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(moved_mixed)])
+    assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.95  # same direction
+    assert not np.array_equal(a, b)  # and computed in another precision
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_weights_travel_in_pieces_and_corruption_is_caught(fullwidth, tmp_path):
+    model = create_model("vgg11_bn", 10, 0.125)
+    variables = init_variables(model, 0)
+    path = fullwidth.save_weights(tmp_path / "w.npz", variables)
+    pieces = fullwidth.split_file(path, tmp_path, limit=50_000)
+    assert len(pieces) == -(-path.stat().st_size // 50_000) > 2
+    joined = fullwidth.join_parts(tmp_path, "w.npz", tmp_path / "joined" / "w.npz")
+    restored = fullwidth.load_weights(joined)
+    jax.tree.map(np.testing.assert_array_equal, restored, variables)
+    pieces[-1].unlink()  # one piece lost on the way
+    fullwidth.join_parts(tmp_path, "w.npz", tmp_path / "joined" / "w.npz")
+    with pytest.raises(Exception):  # noqa: B017 - numpy's zip reader names the damage
+        fullwidth.load_weights(tmp_path / "joined" / "w.npz")
+    with pytest.raises(FileNotFoundError, match="results.zip"):
+        fullwidth.unpack(tmp_path / "joined", tmp_path / "runs")
+
+
+def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, tmp_path):
+    """The whole command at tiny scale: prepare the device folder, run every stage as the
+    device would (exporting to an OUT folder), unpack what came back, write the reports."""
+    plan = fullwidth.prepare_device(tmp_path / "device", wheels=False, data_zip=cifar_zip)
+    assert plan["fits"] and plan["packed_data_bytes"] < cifar_zip.stat().st_size
+    assert set(plan["commands"]) == {"1", "2"}
+    for command in plan["commands"].values():
+        assert "--recipe gpu" in command and "--out $OUT" in command and "pip install" in command
+    out, device_runs = tmp_path / "OUT", tmp_path / "device_runs"
+    recipe = fullwidth.RECIPES["tiny"]
+    fullwidth.run_stages(
+        recipe,
+        ["vgg11_bn"],
+        ["bench", "train", "datafree", "table1", "replicas"],
+        data_path=tmp_path / "device" / "cifar10.npz",
+        deadline_s=3600,
+        out=out,
+        runs=device_runs,
+    )
+    returned = sorted(p.name for p in out.iterdir())
+    assert returned == ["results.zip", "vgg11_bn.trained.npz.part0"]
+    assert all(p.stat().st_size <= fullwidth.FILE_LIMIT for p in out.iterdir())
+
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    written = fullwidth.unpack(out, runs, recipe="tiny")
+    assert runs / "tiny" / "vgg11_bn" / "trained.npz" in written
+    trained = json.loads((runs / "tiny" / "vgg11_bn" / "train.json").read_text())
+    assert trained["recipe"]["batch_size"] == recipe.batch_size
+    assert 0 <= trained["test_top1"] <= 100 and trained["test_images"] == 200
+    # the returned weights are the trained ones: same accuracy when evaluated here
+    model = create_model("vgg11_bn", 10, recipe.width)
+    test = data_lib.read_cifar10_zip("test", cifar_zip)
+    variables = fullwidth.load_weights(runs / "tiny" / "vgg11_bn" / "trained.npz")
+    top1 = 100 * training.evaluate(model, variables, fullwidth.sweep.eval_batch_list(test))["top1"]
+    assert top1 == pytest.approx(trained["test_top1"], abs=1e-6)
+
+    rows = fullwidth._datafree_rows(runs / "tiny" / "vgg11_bn" / "datafree.jsonl")
+    cells = {(r["importance"], r["method"]) for r in rows}
+    assert cells == {(i, m) for i in fullwidth.IMPORTANCES for m in fullwidth.METHODS}
+    table1 = [json.loads(line) for line in (runs / "tiny" / "vgg11_bn" / "table1.jsonl").open()]
+    assert sorted(r["method"] for r in table1) == ["default", "intra_fusion"]
+    assert all(r["params"] < r["dense_params"] for r in table1)
+    bench = json.loads((runs / "tiny" / "bench.json").read_text())
+    assert {r["framework"] for r in bench} == {"ifjax", "torch"}
+    ours = [r for r in bench if r["framework"] == "ifjax"]
+    assert ours and all(r["images_per_second"] > 0 for r in ours)
+    replicas = json.loads((runs / "tiny" / "replicas.json").read_text())
+    assert {(r["k"], r["mode"]) for r in replicas} == {
+        (k, m) for k in recipe.replicas for m in ("sequential", "vmapped")
+    }
+
+    paths = fullwidth.write_reports(runs, reports)
+    text = (reports / "fullwidth.md").read_text()
+    assert f"**{trained['test_top1']:.2f}%**" in text
+    for heading in ("## Base models", "data-free pruning", "Table 1, pruned and fine-tuned"):
+        assert heading in text
+    assert "| l1 | Intra-Fusion (exact) | 1 |" in text  # one group x one sparsity
+    gpu = (reports / "gpu.md").read_text()
+    assert "| VGG11-BN | 16 | float32 |" in gpu and "| 2 | vmapped |" in gpu
+    assert (reports / "data" / "fullwidth_datafree_vgg11_bn.csv").exists()
+    assert all(p.exists() for p in paths)
+
+    # run again: every stage finds its results and does nothing new
+    before = (device_runs / "tiny" / "vgg11_bn" / "datafree.jsonl").read_text()
+    fullwidth.run_stages(
+        recipe, ["vgg11_bn"], ["train", "datafree", "table1"],
+        data_path=tmp_path / "device" / "cifar10.npz", runs=device_runs,
+    )  # fmt: skip
+    assert (device_runs / "tiny" / "vgg11_bn" / "datafree.jsonl").read_text() == before
+
+
+def test_deadline_leaves_work_for_the_next_run(fullwidth):
+    assert fullwidth.Deadline(None).allows(1e9)
+    assert not fullwidth.Deadline(10).allows(30)
+    assert fullwidth.Deadline(100).allows(30)
+
+
+def test_export_keeps_within_what_comes_back_and_unpack_replaces_a_generation(
+    fullwidth, tmp_path, monkeypatch
+):
+    model = create_model("vgg11_bn", 10, 0.125)
+    variables = init_variables(model, 0)
+    root = tmp_path / "runs" / "gpu"
+    for name in fullwidth.MODELS:
+        fullwidth.save_weights(root / name / fullwidth.WEIGHTS, variables)
+        (root / name / "train.json").write_text(json.dumps({"model": name}))
+    size = (root / "vgg11_bn" / fullwidth.WEIGHTS).stat().st_size
+    # room for one model's weights only
+    monkeypatch.setattr(fullwidth, "TOTAL_LIMIT", int(1.5 * size) + fullwidth.RESERVED)
+    monkeypatch.setattr(fullwidth, "FILE_LIMIT", size // 2 + 1)
+    out = tmp_path / "OUT"
+    fullwidth._export(root, out, fullwidth.MODELS)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["results.zip", "vgg11_bn.trained.npz.part0", "vgg11_bn.trained.npz.part1"]
+    assert all(p.stat().st_size <= size // 2 + 1 for p in out.glob("*.part*"))
+    runs = tmp_path / "local"
+    fullwidth.unpack(out, runs)
+    (runs / "gpu" / "vgg11_bn" / "extra.jsonl").write_text("{}\n")  # an earlier generation's
+    fullwidth.unpack(out, runs)
+    kept_aside = [p for p in (runs / "gpu").iterdir() if p.name.startswith("vgg11_bn.")]
+    assert len(kept_aside) == 1 and (kept_aside[0] / "extra.jsonl").exists()
+    assert not (runs / "gpu" / "vgg11_bn" / "extra.jsonl").exists()
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        fullwidth.load_weights(runs / "gpu" / "vgg11_bn" / "trained.npz"),
+        variables,
+    )
+
+
+def test_a_run_of_another_recipe_is_refused(fullwidth, cifar_zip, tmp_path):
+    recipe = fullwidth.RECIPES["tiny"]
+    workdir = tmp_path / "vgg11_bn"
+    fullwidth.save_weights(workdir / fullwidth.WEIGHTS, {"params": {"a": np.zeros(2)}})
+    other = dict(fullwidth.dataclasses.asdict(recipe), epochs=7)
+    (workdir / "train.json").write_text(json.dumps({"recipe": other, "test_top1": 1.0}))
+    with pytest.raises(ValueError, match="another recipe"):
+        fullwidth.train_stage("vgg11_bn", recipe, None, workdir, epochs=1)
