@@ -30,6 +30,12 @@ warning says why once. :func:`conv2d_available` is false then, on CPUs without A
 with ``IFJAX_NATIVE_CONV=0``; :mod:`models.layers` then uses XLA's convolution.
 ``IFJAX_NATIVE_CONV=forward`` keeps the kernel for the convolutions themselves but leaves
 their gradients to XLA (the "before" of the benchmarks).
+
+The primitives use JAX-internal modules (``jax.interpreters.ad``, ``batching``, ``mlir``)
+that a JAX release may change. Whatever fails (their import or registration here, the
+kernel's build, load or FFI registration, a native lowering), ifjax computes plain XLA
+instead: importing never fails, and :func:`fall_back` warns once per process
+(:func:`fallbacks` lists every fallback and its reason).
 """
 
 from __future__ import annotations
@@ -51,7 +57,14 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters import ad, batching, mlir
+
+try:  # JAX-internal modules (no stability promise): without them, XLA's convolutions
+    from jax.interpreters import ad, batching, mlir
+except Exception as _error:  # noqa: BLE001 - whatever an incompatible JAX release raises
+    ad = batching = mlir = None
+    _INTERPRETERS_ERROR: Exception | None = _error
+else:
+    _INTERPRETERS_ERROR = None
 
 __all__ = [
     "NATIVE_CONV_VARIABLE",
@@ -61,6 +74,8 @@ __all__ = [
     "conv2d_available",
     "conv2d_input_grad",
     "conv2d_kernel_grad",
+    "fall_back",
+    "fallbacks",
     "native_available",
     "native_conv_gradients",
 ]
@@ -82,6 +97,47 @@ _lock = threading.Lock()
 _registered: list[str] = []  # the library registered with XLA in this process, if any
 _conv_supported: list[bool] = []  # whether this CPU runs the convolution kernel (AVX-512)
 _log = logging.getLogger(__name__)
+#: What fell back to plain XLA in this process, and why (see :func:`fall_back`).
+_fallbacks: dict[str, str] = {}
+NATIVE_KERNEL = "native CPU kernel"
+NATIVE_CONV = "native convolution"
+
+
+def fall_back(what: str, error: BaseException, silence: str = "") -> None:
+    """Records that ``what`` falls back to plain XLA because of ``error``.
+
+    The first fallback of the process warns (one ``RuntimeWarning``), later ones (of other
+    features, or again of the same) are only logged: an incompatible JAX release or a
+    missing compiler costs speed, never a run, and says so once.
+
+    Args:
+      what: the feature, e.g. :data:`NATIVE_KERNEL`.
+      error: why it is unavailable.
+      silence: how to switch the feature off (e.g. ``"IFJAX_NATIVE=0"``), for the warning.
+    """
+    reason = f"{type(error).__name__}: {error}"
+    first = not _fallbacks
+    _fallbacks.setdefault(what, reason)
+    if not first:
+        _log.info("ifjax: %s unavailable (%s); using plain XLA", what, reason)
+        return
+    hint = f"; set {silence} to silence" if silence else ""
+    warnings.warn(
+        f"ifjax: {what} unavailable ({reason}); using plain XLA instead (same results, "
+        f"slower on CPU{hint}; further fallbacks: models._native.fallbacks())",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def fallbacks() -> dict[str, str]:
+    """What fell back to plain XLA in this process (:func:`fall_back`), and why."""
+    return dict(_fallbacks)
+
+
+def fell_back(what: str) -> bool:
+    """Whether ``what`` fell back to plain XLA in this process."""
+    return what in _fallbacks
 
 
 def switched_off(variable: str) -> bool:
@@ -157,12 +213,7 @@ def _load() -> bool:
             _conv_supported.append(bool(getattr(library, _CONV_SUPPORTED)()))
             _registered.append(str(path))
         except Exception as error:  # noqa: BLE001 - any failure means: use the XLA transpose
-            warnings.warn(
-                f"ifjax: native CPU kernel unavailable ({error}); using XLA's transpose "
-                f"(slower kernel gradients on CPU; set {NATIVE_VARIABLE}=0 to silence)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            fall_back(NATIVE_KERNEL, error, silence=f"{NATIVE_VARIABLE}=0")
             return False
     return True
 
@@ -194,7 +245,12 @@ def conv2d_available() -> bool:
     convolution is traced)."""
     if switched_off(NATIVE_CONV_VARIABLE) or not _load():
         return False
-    return bool(_conv_supported and _conv_supported[0])
+    if not (_conv_supported and _conv_supported[0]) or fell_back(NATIVE_CONV):
+        return False
+    if _PRIMITIVES is None:  # this JAX release could not define them (see below)
+        fall_back(NATIVE_CONV, _PRIMITIVES_ERROR, silence=f"{NATIVE_CONV_VARIABLE}=0")
+        return False
+    return True
 
 
 def native_conv_gradients() -> bool:
@@ -250,8 +306,14 @@ def _output_shape(x_shape, kernel_size, strides, padding) -> tuple[int, int]:
     )
 
 
+def _lower_reference(reference):
+    """The lowering of a primitive computed as ``reference`` (XLA's convolutions)."""
+    return mlir.lower_fun(reference, multiple_results=False)
+
+
 def _make_primitive(name: str, reference, shape_of):
     primitive = jax.extend.core.Primitive(name)
+    shaped_array = jax.core.ShapedArray  # looked up now: a JAX without it fails here
 
     @functools.cache
     def jitted(**params):
@@ -259,11 +321,10 @@ def _make_primitive(name: str, reference, shape_of):
 
     primitive.def_impl(lambda a, b, **params: jitted(**params)(a, b))
     primitive.def_abstract_eval(
-        lambda a, b, **params: jax.core.ShapedArray(shape_of(a.shape, b.shape, **params), a.dtype)
+        lambda a, b, **params: shaped_array(shape_of(a.shape, b.shape, **params), a.dtype)
     )
-    lower_reference = mlir.lower_fun(reference, multiple_results=False)
-    mlir.register_lowering(primitive, lower_reference)
-    return primitive, lower_reference
+    mlir.register_lowering(primitive, _lower_reference(reference))
+    return primitive
 
 
 def _conv_shape(x, w, *, strides, padding):
@@ -278,15 +339,6 @@ def _kernel_grad_shape(x, dy, *, strides, padding, kernel_size):
     return (*kernel_size, x[3], dy[3])
 
 
-_conv_p, _lower_conv = _make_primitive("ifjax_conv2d", _reference_conv, _conv_shape)
-_input_grad_p, _lower_input_grad = _make_primitive(
-    "ifjax_conv2d_input_grad", _reference_input_grad, _input_grad_shape
-)
-_kernel_grad_p, _lower_kernel_grad = _make_primitive(
-    "ifjax_conv2d_kernel_grad", _reference_kernel_grad, _kernel_grad_shape
-)
-
-
 def _attributes(strides, padding) -> dict[str, np.int64]:
     (sh, sw), ((top, bottom), (left, right)) = strides, padding
     values = dict(sh=sh, sw=sw, top=top, bottom=bottom, left=left, right=right)
@@ -297,12 +349,26 @@ def _native_ok(ctx) -> bool:
     return all(a.dtype == np.float32 for a in ctx.avals_in) and conv2d_available()
 
 
-def _cpu_conv(ctx, x, w, *, strides, padding):
-    if not _native_ok(ctx):
-        return _lower_conv(ctx, x, w, strides=strides, padding=padding)
+def _lower(ctx, native, reference, *operands, **params):
+    """``native(ctx, ...)`` for float32 where the native convolution is available, else
+    (or if that lowering fails, e.g. in another JAX release: one warning) the lowering of
+    ``reference``, XLA's convolutions."""
+    try:
+        if _native_ok(ctx):
+            return native(ctx, *operands, **params)
+    except Exception as error:  # noqa: BLE001 - whatever this JAX release changed
+        fall_back(NATIVE_CONV, error, silence=f"{NATIVE_CONV_VARIABLE}=0")
+    return _lower_reference(reference)(ctx, *operands, **params)
+
+
+def _native_conv(ctx, x, w, *, strides, padding):
     return jax.ffi.ffi_lowering(_CONV_TARGET)(
         ctx, x, w, flip=np.int64(0), **_attributes(strides, padding)
     )
+
+
+def _cpu_conv(ctx, x, w, **params):
+    return _lower(ctx, _native_conv, _reference_conv, x, w, **params)
 
 
 class _Phase(NamedTuple):
@@ -377,53 +443,20 @@ def _phase_input_grad(dy, w, *, strides, padding, input_shape):
     return dx[:, : input_shape[0], : input_shape[1]]
 
 
-def _cpu_input_grad(ctx, dy, w, *, strides, padding, input_shape):
-    params = dict(strides=strides, padding=padding, input_shape=input_shape)
-    if not _native_ok(ctx):
-        return _lower_input_grad(ctx, dy, w, **params)
+def _native_input_grad(ctx, dy, w, **params):
     return mlir.lower_fun(functools.partial(_phase_input_grad, **params), False)(ctx, dy, w)
 
 
-def _cpu_kernel_grad(ctx, x, dy, *, strides, padding, kernel_size):
-    if not _native_ok(ctx):
-        return _lower_kernel_grad(
-            ctx, x, dy, strides=strides, padding=padding, kernel_size=kernel_size
-        )
+def _cpu_input_grad(ctx, dy, w, **params):
+    return _lower(ctx, _native_input_grad, _reference_input_grad, dy, w, **params)
+
+
+def _native_kernel_grad(ctx, x, dy, *, strides, padding, kernel_size):
     return jax.ffi.ffi_lowering(_KERNEL_GRAD_TARGET)(ctx, x, dy, **_attributes(strides, padding))
 
 
-mlir.register_lowering(_conv_p, _cpu_conv, platform="cpu")
-mlir.register_lowering(_input_grad_p, _cpu_input_grad, platform="cpu")
-mlir.register_lowering(_kernel_grad_p, _cpu_kernel_grad, platform="cpu")
-
-# Transposes: <conv(x, w), dy> = <input_grad(dy, w), x> = <kernel_grad(x, dy), w>.
-ad.defbilinear(
-    _conv_p,
-    lambda ct, x, w, *, strides, padding: _input_grad_p.bind(
-        ct, w, strides=strides, padding=padding, input_shape=tuple(x.aval.shape[1:3])
-    ),
-    lambda ct, x, w, *, strides, padding: _kernel_grad_p.bind(
-        x, ct, strides=strides, padding=padding, kernel_size=tuple(w.aval.shape[:2])
-    ),
-)
-ad.defbilinear(
-    _input_grad_p,
-    lambda ct, dy, w, *, strides, padding, input_shape: _conv_p.bind(
-        ct, w, strides=strides, padding=padding
-    ),
-    lambda ct, dy, w, *, strides, padding, input_shape: _kernel_grad_p.bind(
-        ct, dy, strides=strides, padding=padding, kernel_size=tuple(w.aval.shape[:2])
-    ),
-)
-ad.defbilinear(
-    _kernel_grad_p,
-    lambda ct, x, dy, *, strides, padding, kernel_size: _input_grad_p.bind(
-        dy, ct, strides=strides, padding=padding, input_shape=tuple(x.aval.shape[1:3])
-    ),
-    lambda ct, x, dy, *, strides, padding, kernel_size: _conv_p.bind(
-        x, ct, strides=strides, padding=padding
-    ),
-)
+def _cpu_kernel_grad(ctx, x, dy, **params):
+    return _lower(ctx, _native_kernel_grad, _reference_kernel_grad, x, dy, **params)
 
 
 def _batch_rule(primitive, fold_first: bool):
@@ -449,9 +482,70 @@ def _batch_rule(primitive, fold_first: bool):
     return rule
 
 
-batching.primitive_batchers[_conv_p] = _batch_rule(_conv_p, fold_first=True)
-batching.primitive_batchers[_input_grad_p] = _batch_rule(_input_grad_p, fold_first=True)
-batching.primitive_batchers[_kernel_grad_p] = _batch_rule(_kernel_grad_p, fold_first=False)
+class _Primitives(NamedTuple):
+    """The three convolution primitives (see above)."""
+
+    conv: jax.extend.core.Primitive
+    input_grad: jax.extend.core.Primitive
+    kernel_grad: jax.extend.core.Primitive
+
+
+def _define_primitives() -> _Primitives:
+    """Defines and registers the primitives: abstract evaluation, lowerings (XLA's
+    everywhere, native on the CPU), transposes and batching rules. Raises whatever a JAX
+    release without these JAX-internal APIs raises."""
+    if _INTERPRETERS_ERROR is not None:
+        raise _INTERPRETERS_ERROR
+    conv = _make_primitive("ifjax_conv2d", _reference_conv, _conv_shape)
+    input_grad = _make_primitive(
+        "ifjax_conv2d_input_grad", _reference_input_grad, _input_grad_shape
+    )
+    kernel_grad = _make_primitive(
+        "ifjax_conv2d_kernel_grad", _reference_kernel_grad, _kernel_grad_shape
+    )
+    mlir.register_lowering(conv, _cpu_conv, platform="cpu")
+    mlir.register_lowering(input_grad, _cpu_input_grad, platform="cpu")
+    mlir.register_lowering(kernel_grad, _cpu_kernel_grad, platform="cpu")
+
+    # Transposes: <conv(x, w), dy> = <input_grad(dy, w), x> = <kernel_grad(x, dy), w>.
+    ad.defbilinear(
+        conv,
+        lambda ct, x, w, *, strides, padding: input_grad.bind(
+            ct, w, strides=strides, padding=padding, input_shape=tuple(x.aval.shape[1:3])
+        ),
+        lambda ct, x, w, *, strides, padding: kernel_grad.bind(
+            x, ct, strides=strides, padding=padding, kernel_size=tuple(w.aval.shape[:2])
+        ),
+    )
+    ad.defbilinear(
+        input_grad,
+        lambda ct, dy, w, *, strides, padding, input_shape: conv.bind(
+            ct, w, strides=strides, padding=padding
+        ),
+        lambda ct, dy, w, *, strides, padding, input_shape: kernel_grad.bind(
+            ct, dy, strides=strides, padding=padding, kernel_size=tuple(w.aval.shape[:2])
+        ),
+    )
+    ad.defbilinear(
+        kernel_grad,
+        lambda ct, x, dy, *, strides, padding, kernel_size: input_grad.bind(
+            dy, ct, strides=strides, padding=padding, input_shape=tuple(x.aval.shape[1:3])
+        ),
+        lambda ct, x, dy, *, strides, padding, kernel_size: conv.bind(
+            x, ct, strides=strides, padding=padding
+        ),
+    )
+    batching.primitive_batchers[conv] = _batch_rule(conv, fold_first=True)
+    batching.primitive_batchers[input_grad] = _batch_rule(input_grad, fold_first=True)
+    batching.primitive_batchers[kernel_grad] = _batch_rule(kernel_grad, fold_first=False)
+    return _Primitives(conv, input_grad, kernel_grad)
+
+
+try:  # an incompatible JAX release leaves XLA's convolutions (conv2d_available() is False)
+    _PRIMITIVES: _Primitives | None = _define_primitives()
+    _PRIMITIVES_ERROR: Exception | None = None
+except Exception as _error:  # noqa: BLE001 - whatever this JAX release changed
+    _PRIMITIVES, _PRIMITIVES_ERROR = None, _error
 
 
 def _static(strides, padding) -> tuple[tuple[int, int], Padding]:
@@ -500,7 +594,7 @@ def conv2d(
     """
     _check_float32("conv2d", x, kernel)
     strides, padding = _static(strides, padding)
-    return _conv_p.bind(x, kernel, strides=strides, padding=padding)
+    return _PRIMITIVES.conv.bind(x, kernel, strides=strides, padding=padding)
 
 
 def conv2d_input_grad(
@@ -521,7 +615,9 @@ def conv2d_input_grad(
     _check_float32("conv2d_input_grad", dy, kernel)
     strides, padding = _static(strides, padding)
     shape = tuple(int(s) for s in input_shape)
-    return _input_grad_p.bind(dy, kernel, strides=strides, padding=padding, input_shape=shape)
+    return _PRIMITIVES.input_grad.bind(
+        dy, kernel, strides=strides, padding=padding, input_shape=shape
+    )
 
 
 def conv2d_kernel_grad(
@@ -537,4 +633,4 @@ def conv2d_kernel_grad(
     _check_float32("conv2d_kernel_grad", x, dy)
     strides, padding = _static(strides, padding)
     size = tuple(int(s) for s in kernel_size)
-    return _kernel_grad_p.bind(x, dy, strides=strides, padding=padding, kernel_size=size)
+    return _PRIMITIVES.kernel_grad.bind(x, dy, strides=strides, padding=padding, kernel_size=size)

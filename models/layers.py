@@ -48,13 +48,17 @@ convolutions, ``"xla"`` when a function is compiled keeps XLA's lowering.
 The fast path is a ``jax.jit``-wrapped function named ``conv_general_dilated`` taking
 (NHWC input, HWIO kernel, ...), which ``ifjax.discover_groups`` analyses as a
 convolution whatever it computes inside.
+
+:func:`configure_xla_cpu` and :func:`install_depthwise_lowering` use JAX-internal APIs
+(``jax._src``, ``jax.interpreters.mlir``). Where a JAX release changed them, they leave
+plain XLA (``import models`` never fails), with one warning per process
+(:func:`models._native.fall_back`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,7 +68,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
-from jax.interpreters import mlir
 
 from models import _native
 
@@ -114,6 +117,8 @@ XLA_CPU_DEFAULT_OPTIONS = {
 #: YNNPACK fusion; evaluation has no gradient reductions to gain from them.
 XLA_CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 CONV_IMPLEMENTATIONS = ("auto", "xla", "matmul")
+XLA_CPU_FLAGS = "XLA:CPU options"  # the features that may fall back (models._native.fall_back)
+DEPTHWISE_LOWERING = "depthwise CPU lowering"
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 Padding = tuple[tuple[int, int], ...]
@@ -186,7 +191,9 @@ def configure_xla_cpu(force: bool = False) -> list[str]:
     * ``IFJAX_XLA_CPU_FLAGS=0`` or ``IFJAX_CONV=xla`` (plain XLA, the "before" of the
       benchmarks);
     * the installed jaxlib does not define the flag or its values (an unknown flag
-      would abort the process).
+      would abort the process);
+    * this JAX release changed the internal API that says whether the backends started
+      (one warning, :func:`models._native.fall_back`).
 
     The flags only change how XLA:CPU compiles; results are equal to float tolerance.
 
@@ -197,18 +204,35 @@ def configure_xla_cpu(force: bool = False) -> list[str]:
     Returns:
       The flags added (empty when nothing changed).
     """
-    from jax._src import xla_bridge
-
     if not force and (_native.switched_off(FLAGS_VARIABLE) or conv_implementation() == "xla"):
         return []
-    if xla_bridge.backends_are_initialized():
+    try:  # JAX-internal APIs: whatever this JAX release changed leaves XLA_FLAGS alone
+        flags = _new_flags()
+    except Exception as error:  # noqa: BLE001
+        _native.fall_back(XLA_CPU_FLAGS, error, silence=f"{FLAGS_VARIABLE}=0")
+        return []
+    if flags:
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+    return flags
+
+
+def _backends_started() -> bool:
+    """Whether JAX's backends are initialised (a JAX-internal function)."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
+
+
+def _new_flags() -> list[str]:
+    """The flags :func:`configure_xla_cpu` adds to ``XLA_FLAGS``: none once the backends
+    started, none the user set, none the installed jaxlib does not define."""
+    if _backends_started():
         return []
     current = os.environ.get("XLA_FLAGS", "")
     flags = [f"--{name}={value}" for name, value in XLA_CPU_OPTIONS.items() if name not in current]
     names = [*XLA_CPU_OPTIONS, *",".join(XLA_CPU_OPTIONS.values()).split(",")]
     if not flags or not _jaxlib_knows(names):
         return []
-    os.environ["XLA_FLAGS"] = " ".join([current, *flags]).strip()
     return flags
 
 
@@ -736,10 +760,28 @@ _xla_conv_lowering = None  # XLA's lowering of conv_general_dilated, once instal
 
 def _depthwise_cpu_lowering(ctx, lhs, rhs, **params):
     """The CPU lowering of ``conv_general_dilated``: depthwise ones by
-    :func:`depthwise_taps` (unless ``IFJAX_CONV=xla``), others as XLA's."""
+    :func:`depthwise_taps` (unless ``IFJAX_CONV=xla``), others as XLA's. If lowering by
+    taps fails (e.g. this JAX release changed the primitive's parameters), XLA's, with
+    one warning."""
+    if conv_implementation() != "xla" and not _native.fell_back(DEPTHWISE_LOWERING):
+        try:
+            lowered = _lower_depthwise(ctx, lhs, rhs, params)
+        except Exception as error:  # noqa: BLE001 - whatever this JAX release changed
+            _native.fall_back(DEPTHWISE_LOWERING, error)
+        else:
+            if lowered is not None:
+                return lowered
+    return _xla_conv_lowering(ctx, lhs, rhs, **params)
+
+
+def _lower_depthwise(ctx, lhs, rhs, params: dict[str, Any]):
+    """The lowering of a depthwise convolution by :func:`depthwise_taps`; ``None`` for
+    other convolutions."""
+    from jax.interpreters import mlir
+
     (lhs_aval, rhs_aval), (out_aval,) = ctx.avals_in, ctx.avals_out
-    if conv_implementation() == "xla" or not _is_depthwise(lhs_aval, rhs_aval, out_aval, params):
-        return _xla_conv_lowering(ctx, lhs, rhs, **params)
+    if not _is_depthwise(lhs_aval, rhs_aval, out_aval, params):
+        return None
     taps = functools.partial(
         depthwise_taps,
         window_strides=tuple(params["window_strides"]),
@@ -748,6 +790,13 @@ def _depthwise_cpu_lowering(ctx, lhs, rhs, **params):
         dimension_numbers=params["dimension_numbers"],
     )
     return mlir.lower_fun(taps, multiple_results=False)(ctx, lhs, rhs)
+
+
+def _jax_conv_lowering():
+    """JAX's own lowering of ``conv_general_dilated`` (a JAX-internal function)."""
+    from jax._src.lax.convolution import _conv_general_dilated_lower
+
+    return _conv_general_dilated_lower
 
 
 def install_depthwise_lowering() -> bool:
@@ -762,24 +811,22 @@ def install_depthwise_lowering() -> bool:
     ``IFJAX_CONV=xla`` at compile time keeps XLA's lowering.
 
     Returns:
-      Whether the lowering is installed (``False`` if this JAX has no lowering of
-      ``conv_general_dilated`` to fall back on).
+      Whether the lowering is installed (``False``, with one warning, if this JAX release
+      has no lowering of ``conv_general_dilated`` to fall back on, or registering fails:
+      XLA's lowering stays).
     """
     global _xla_conv_lowering
     if _xla_conv_lowering is not None:
         return True
-    try:  # a private JAX function: any failure leaves XLA's lowering, with one warning
-        from jax._src.lax.convolution import _conv_general_dilated_lower
+    try:  # JAX-internal APIs: any failure leaves XLA's lowering, with one warning
+        from jax.interpreters import mlir
 
+        _xla_conv_lowering = _jax_conv_lowering()
         mlir.register_lowering(lax.conv_general_dilated_p, _depthwise_cpu_lowering, platform="cpu")
     except Exception as error:  # noqa: BLE001 - whatever this JAX release changed
-        warnings.warn(
-            f"ifjax: depthwise convolutions keep XLA's CPU lowering ({type(error).__name__}: "
-            f"{error})",
-            stacklevel=2,
-        )
+        _xla_conv_lowering = None
+        _native.fall_back(DEPTHWISE_LOWERING, error)
         return False
-    _xla_conv_lowering = _conv_general_dilated_lower
     return True
 
 

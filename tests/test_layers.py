@@ -405,6 +405,7 @@ def test_native_kernel_builds_in_the_temporary_directory_if_the_cache_is_unwrita
 
 def test_native_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(_native, "_registered", [])
+    monkeypatch.setattr(_native, "_fallbacks", {})  # the process's first fallback warns
     monkeypatch.setenv("IFJAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     _native._load.cache_clear()
