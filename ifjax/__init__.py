@@ -5,7 +5,7 @@ fold BatchNorm, score channels, prune groups with Default pruning or Intra-Fusio
 fuse models trained apart (OTFusion).
 """
 
-from ifjax._batchnorm import fold_batchnorm
+from ifjax._batchnorm import fold_batchnorm, recalibrate_batchnorm
 from ifjax._channels import channel_features
 from ifjax._fusion import FUSION_METHODS, align, average_variables, fuse
 from ifjax._graph import (
@@ -89,6 +89,7 @@ __all__ = [
     "model_for",
     "normalize_rows",
     "prune",
+    "recalibrate_batchnorm",
     "register_width_rule",
     "transport_map",
     "transport_problem",
