@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from ifjax.checkpoint import save_model
 from models.registry import create_model, init_variables, model_spec
 from train import cli, jobs, pipelines
+from train import data as data_lib
 
 OFF = ["--compilation-cache", "off"]
 
@@ -220,3 +222,32 @@ def test_round_to_reaches_the_pruned_widths(capsys, checkpoint, tmp_path):
     line = _error(capsys, argv + ["--round-to", "64", "--out", str(tmp_path / "p")])
     assert "round_to is too large for this group" in line and "group 0 (32 channels" in line
     assert "must be a positive integer" in _error(capsys, argv + ["--round-to", "0"])
+
+
+def test_prune_recalibrates_batchnorm_on_training_images(checkpoint, tmp_path, monkeypatch):
+    import ifjax
+    from tests.fake_data import write_cifar_zip
+
+    zip_path = write_cifar_zip(tmp_path / "cifar10-jpeg.zip", per_class=10)
+    monkeypatch.setenv("IFJAX_CIFAR10_ZIP", str(zip_path))
+    argv = ["prune", "--checkpoint", str(checkpoint), "--sparsity", "0.5", "--groups", "0,1"]
+    argv += ["--method", "default", "--seed", "3"]
+    assert cli.main(OFF + argv + ["--out", str(tmp_path / "plain")]) == 0
+    assert cli.main(OFF + argv + ["--out", str(tmp_path / "re"), "--recalibrate", "40"]) == 0
+    plain, recalibrated = jobs.restore(tmp_path / "plain"), jobs.restore(tmp_path / "re")
+    assert recalibrated.info["history"][-1]["recalibrate"] == 40
+    assert "recalibrate" not in plain.info["history"][-1]
+    jax.tree.map(
+        np.testing.assert_array_equal, recalibrated.variables["params"], plain.variables["params"]
+    )
+    # the same 40 images (a random subset drawn with the seed) through the library
+    images = jobs.load_split("cifar10", "train", subset=40, seed=3)
+    batches = list(data_lib.batches(images, 128, shuffle=False, augment=False))
+    expected = ifjax.recalibrate_batchnorm(plain.model, plain.variables, batches)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        recalibrated.variables["batch_stats"],
+        expected["batch_stats"],
+    )
+    stats = recalibrated.variables["batch_stats"]["bn0"]["mean"]  # folded: zeros before
+    assert not np.allclose(stats, plain.variables["batch_stats"]["bn0"]["mean"])

@@ -19,29 +19,16 @@ import pytest
 from PIL import Image
 
 from models.registry import create_model, init_variables
+from tests.fake_data import write_cifar_zip
 from train import data as data_lib
 from train import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _write_zip(path: Path, per_class: int) -> Path:
-    """A zip in the offline CIFAR-10 layout: random 32x32 JPEGs, a few per class."""
-    rng = np.random.default_rng(0)
-    with zipfile.ZipFile(path, "w") as archive:
-        for split in ("train", "test"):
-            for name in data_lib.CIFAR10_CLASSES:
-                for i in range(per_class):
-                    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                    buffer = io.BytesIO()
-                    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-                    archive.writestr(f"cifar10/{split}/{name}/{i:04d}.jpg", buffer.getvalue())
-    return path
-
-
 @pytest.fixture(scope="module")
 def cifar_zip(tmp_path_factory):
-    return _write_zip(tmp_path_factory.mktemp("zip") / "cifar10-jpeg.zip", per_class=20)
+    return write_cifar_zip(tmp_path_factory.mktemp("zip") / "cifar10-jpeg.zip", per_class=20)
 
 
 @pytest.fixture(scope="module")

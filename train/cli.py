@@ -164,6 +164,13 @@ def _add_prune(commands) -> None:
         default=1,
         help="keep a multiple of this many channels per group (e.g. 8 for accelerators)",
     )
+    sub.add_argument(
+        "--recalibrate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-estimate BatchNorm statistics on N training images after pruning (0: no)",
+    )
     sub.add_argument("--evaluate", action="store_true", help="print top-1 before and after")
     sub.add_argument("--seed", type=int, default=0, help="key of 'random' importance")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -393,6 +400,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         importance=args.importance,
         options={name: getattr(args, name) for name in names},
         round_to=args.round_to,
+        recalibrate=args.recalibrate,
         evaluate=args.evaluate,
         seed=args.seed,
         overwrite=args.overwrite,

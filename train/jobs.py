@@ -300,6 +300,7 @@ def prune_checkpoint(
     importance: str = "l1",
     options: Mapping[str, Any] | None = None,
     round_to: int = 1,
+    recalibrate: int = 0,
     evaluate: bool = False,
     dataset: str | None = None,
     data_dir: str | None = None,
@@ -308,6 +309,10 @@ def prune_checkpoint(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Prunes groups of a checkpoint (physically) and saves it with its history extended.
+
+    ``recalibrate``: re-estimate the pruned model's BatchNorm statistics on that many
+    training images (a random subset drawn with ``seed``, batches of 128, no augmentation,
+    :func:`ifjax.recalibrate_batchnorm`); 0 keeps the folded statistics.
 
     BatchNorm is folded in every group first (as the reference); taylor importance uses
     gradients summed over 5 batches of 128 training images on the folded model.
@@ -326,7 +331,10 @@ def prune_checkpoint(
     all_groups = ifjax.discover_groups(model, variables, restored.example_input)
     indices = [index for index, _ in sweep.select_groups(all_groups, groups)]
     folded = ifjax.fold_batchnorm(variables, all_groups)
-    name = restored.dataset(dataset) if evaluate or importance == "taylor" else None
+    if recalibrate < 0:
+        raise ValueError(f"recalibrate is a number of images >= 0, got {recalibrate}")
+    uses_data = evaluate or importance == "taylor" or recalibrate
+    name = restored.dataset(dataset) if uses_data else None
     gradients = None
     if importance == "taylor":
         gradients = _taylor(restored, folded, name, data_dir, zip_path, seed)
@@ -345,8 +353,15 @@ def prune_checkpoint(
         key=jax.random.key(seed),
         **options,
     )
+    if recalibrate:
+        train_set = load_split(
+            name, "train", data_dir=data_dir, zip_path=zip_path, subset=recalibrate, seed=seed
+        )
+        batches = data_lib.batches(train_set, 128, shuffle=False, augment=False)
+        pruned = ifjax.recalibrate_batchnorm(pruned_model, pruned, list(batches))
     step = dict(operation="prune", method=method, groups=indices, sparsity=sparsity)
     step |= dict(importance=importance, seed=seed, source=str(Path(checkpoint).absolute()))
+    step |= {"recalibrate": recalibrate} if recalibrate else {}
     step |= options | {"converged": all(bool(p.converged) for p in plans)}
     path = save_model(
         out,
