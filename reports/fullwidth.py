@@ -425,6 +425,21 @@ def _count(variables: Mapping[str, Any]) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
 
 
+def prune_all(model: Any, variables: Mapping[str, Any], sparsity: float, method: str):
+    """Table 1's pruning: every group at ``sparsity``, l1, BatchNorm folded (exact solver
+    for Intra-Fusion); returns ``(pruned model, pruned variables)``."""
+    pruned_model, pruned, _ = ifjax.prune(
+        model,
+        variables,
+        "all",
+        sparsity=sparsity,
+        method=method,
+        importance="l1",
+        example_input=jnp.zeros((1, 32, 32, 3)),
+    )
+    return pruned_model, pruned
+
+
 def table1_stage(
     name: str, recipe: Recipe, data: Data, workdir: Path, deadline: Deadline
 ) -> list[dict]:
@@ -445,15 +460,7 @@ def table1_stage(
                 _say(f"{name}: Table 1 {key} left for the next run (deadline)")
                 return list(done.values())
             start = time.perf_counter()
-            pruned_model, pruned, _ = ifjax.prune(
-                model,
-                variables,
-                "all",
-                sparsity=sparsity,
-                method=method,
-                importance="l1",
-                example_input=jnp.zeros((1, 32, 32, 3)),
-            )
+            pruned_model, pruned = prune_all(model, variables, sparsity, method)
             prune_seconds = time.perf_counter() - start
             pruned_top1 = 100 * training.evaluate(pruned_model, pruned, data.evals)["top1"]
             loader = data_lib.DeviceBatches(data.train, recipe.batch_size, seed=1)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,27 +13,6 @@ import reproduce
 from train import paper, sweep
 
 LABELS = {"vgg11_bn": "VGG11-BN", "resnet18": "ResNet18"}
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
-    return path
-
-
-def _csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    staging = path.with_name(f".{path.name}.tmp")
-    with open(staging, "w", newline="") as file:
-        writer = csv.DictWriter(file, columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-    os.replace(staging, path)
-    return path
 
 
 def _device(result: Mapping[str, Any]) -> str:
@@ -162,7 +139,7 @@ def _datafree_section(name: str, result: Mapping[str, Any], reports: Path) -> li
     table = paper.paper_datafree(name, "cifar10")
     label = dict(model=name, dataset="cifar10")
     rows = sweep.add_paper_columns([label | r for r in rows], table)
-    csv_path = _csv(rows, reports / "data" / f"fullwidth_datafree_{name}.csv")
+    csv_path = reproduce._write_rows(rows, reports / "data" / f"fullwidth_datafree_{name}.csv")
     cells = reproduce._cells(rows)
     plot = reproduce._plot_gain_maps(
         cells,
@@ -211,7 +188,7 @@ def _table1_section(name: str, result: Mapping[str, Any], reports: Path) -> list
     rows = result["table1"]
     if not rows:
         return [f"Not run yet for {LABELS[name]}.", ""]
-    csv_path = _csv(rows, reports / "data" / f"fullwidth_table1_{name}.csv")
+    csv_path = reproduce._write_rows(rows, reports / "data" / f"fullwidth_table1_{name}.csv")
     table = paper.paper_finetuned(name, "cifar10") or {}
     by = {(round(r["sparsity"], 6), r["method"]): r for r in rows}
     epochs = rows[0]["finetune_epochs"]
@@ -389,7 +366,7 @@ def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
             "",
             *_table1_section(name, result, reports),
         ]
-    return [_write(reports / "fullwidth.md", "\n".join(lines)), plot]
+    return [reproduce._write_text(reports / "fullwidth.md", "\n".join(lines)), plot]
 
 
 def write_gpu(found: Mapping[str, Any], reports: Path) -> Path:
@@ -453,4 +430,4 @@ def write_gpu(found: Mapping[str, Any], reports: Path) -> Path:
             )
     else:
         lines.append("Not measured yet.")
-    return _write(reports / "gpu.md", "\n".join(lines) + "\n")
+    return reproduce._write_text(reports / "gpu.md", "\n".join(lines) + "\n")

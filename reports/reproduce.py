@@ -703,8 +703,10 @@ def _finetuned_markdown(model, trained, rows, epochs) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    columns = list(rows[0])
+def _write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """A CSV of the rows (columns: every key, in order of appearance), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", newline="") as file:
         writer = csv.DictWriter(file, columns)
@@ -712,13 +714,15 @@ def _write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         for row in rows:
             writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     os.replace(tmp, path)
+    return path
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
