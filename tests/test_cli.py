@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+import ifjax
 from ifjax.checkpoint import save_model
 from models.registry import create_model, init_variables, model_spec
+from tests.tree_asserts import assert_trees_equal
 from train import cli, jobs, pipelines
 from train import data as data_lib
 
@@ -251,3 +253,67 @@ def test_prune_recalibrates_batchnorm_on_training_images(checkpoint, tmp_path, m
     )
     stats = recalibrated.variables["batch_stats"]["bn0"]["mean"]  # folded: zeros before
     assert not np.allclose(stats, plain.variables["batch_stats"]["bn0"]["mean"])
+
+
+# every non-default option of `ifjax prune` (no data needed: no taylor, no --evaluate)
+_PRUNE_OPTIONS = {
+    "intra_fusion": (
+        ["--groups", "0,2,5", "--sparsity", "0.5", "--importance", "lamp"]
+        + ["--marginals", "importance", "--target", "centroids"]
+        + ["--map-normalization", "row_average", "--solver", "sinkhorn", "--epsilon", "0.01"]
+        + ["--round-to", "2"],
+        dict(groups=[0, 2, 5], sparsity=0.5, method="intra_fusion", importance="lamp",
+             marginals="importance", target="centroids", map_normalization="row_average",
+             solver="sinkhorn", epsilon=0.01, round_to=2),
+    ),
+    "default": (
+        ["--method", "default", "--sparsity", "0.4", "--importance", "random", "--seed", "3"]
+        + ["--round-to", "2"],
+        dict(groups="all", sparsity=0.4, method="default", importance="random", round_to=2),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["intra_fusion", "default"])
+def test_prune_options_equal_the_library_given_the_same(capsys, checkpoint, tmp_path, method):
+    """`ifjax prune` with every non-default option saves what ifjax.prune gives with the
+    same options, and records them; with the defaults the result differs."""
+    argv, options = _PRUNE_OPTIONS[method]
+    out = tmp_path / "o"
+    assert cli.main(OFF + ["prune", "--checkpoint", str(checkpoint), "--out", str(out), *argv]) == 0
+    printed = capsys.readouterr().out
+    restored, pruned = jobs.restore(checkpoint), jobs.restore(out)
+    options = dict(options)
+    groups, importance = options.pop("groups"), options["importance"]
+    seed = 3 if method == "default" else 0
+    model, variables, plans = ifjax.prune(
+        restored.model,
+        restored.variables,
+        groups,
+        example_input=restored.example_input,
+        key=jax.random.key(seed),
+        **options,
+    )
+    assert pruned.model == model
+    assert_trees_equal(pruned.variables, variables, rtol=1e-6, atol=1e-7)
+    step = pruned.info["history"][-1]
+    assert (step["method"], step["importance"], step["seed"]) == (method, importance, seed)
+    assert step["round_to"] == options["round_to"]
+    for name in ("marginals", "target", "map_normalization", "solver", "epsilon"):
+        assert step.get(name) == options.get(name), name
+    widths = [int(p.keep.shape[0]) for p in plans]
+    assert all(w % options["round_to"] == 0 for w in widths)
+    assert f"at sparsity {options['sparsity']} ({method}, {options['importance']})" in printed
+    # the options matter: the method with the library's defaults gives another model
+    plain = ifjax.prune(
+        restored.model,
+        restored.variables,
+        groups,
+        sparsity=options["sparsity"],
+        method=method,
+        example_input=restored.example_input,
+    )[1]
+    leaves = zip(jax.tree.leaves(plain), jax.tree.leaves(pruned.variables), strict=True)
+    assert jax.tree.structure(plain) != jax.tree.structure(pruned.variables) or any(
+        np.shape(a) != np.shape(b) or not np.allclose(a, b) for a, b in leaves
+    )

@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import re
 import time
 import zipfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 from tree_asserts import assert_trees_equal
@@ -111,6 +114,14 @@ def test_eval_prints_the_accuracy_of_the_checkpoint(trained, env):
     assert "12 test images of cifar10_jpeg" in subset
 
 
+def _loss_by_hand(model, variables, env) -> float:
+    """Mean cross-entropy over the training images (not augmented)."""
+    train = data.load_dataset("cifar10_jpeg", "train", data_dir=env["data"], zip_path=env["zip"])
+    logits = model.apply(variables, jnp.asarray(data.normalize(train.images)), train=False)
+    labels = jnp.asarray(train.labels)
+    return float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean())
+
+
 def _printed(label: str, out: str) -> float:
     return float(re.search(rf"{label}: ([0-9.]+)%", out).group(1))
 
@@ -145,11 +156,23 @@ def test_prune_eval_finetune(trained, env):
     assert _printed("top-1", evaluated) == _printed("after", out)
 
     args = ["finetune", "--checkpoint", str(pruned_dir), "--workdir", str(tuned_dir)]
-    out = _run(*args, "--epochs", "1", "--batch-size", "16", *_data_args(env))
+    out = _run(*args, "--epochs", "2", "--batch-size", "16", *_data_args(env))
     tuned = jobs.restore(tuned_dir / "model")
     assert [s["operation"] for s in tuned.info["history"]] == ["prune", "finetune"]
     assert tuned.model == pruned.model  # same pruned widths
     assert _printed("test top-1", out) == round(tuned.metadata["test_top1"], 2)
+    # fine-tuning trained: every kernel moved, and the training loss went down
+    kernels = lambda tree: {
+        path: leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree["params"])
+        if path[-1].key == "kernel"
+    }
+    before, after = kernels(pruned.variables), kernels(tuned.variables)
+    assert before.keys() == after.keys() and len(before) == 9
+    assert all(np.abs(np.asarray(after[p]) - np.asarray(before[p])).max() > 1e-4 for p in before)
+    loss_before = _loss_by_hand(pruned.model, pruned.variables, env)
+    loss_after = _loss_by_hand(tuned.model, tuned.variables, env)
+    assert loss_after < 0.95 * loss_before, (loss_before, loss_after)
 
 
 def test_datafree_writes_its_csv_markdown_and_plot(trained, env):
@@ -236,11 +259,29 @@ def test_split_data_pipelines_through_the_command_line(command, env, monkeypatch
     assert f"report: {workdir}/report.md" in out
     with open(workdir / "report.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) >= 4
+    stages = {  # (stage, models): paf prunes each of the k=2 replicas before fusing
+        "fap": [("split_train", 2), ("fuse", 1), ("fusion_finetune", 1), ("prune_step_1", 1)],
+        "paf": [("split_train", 2), ("prune_step_1", 2), ("fuse", 1)],
+    }[command] + [("finetune", 1)]
+    expected = [(command, *s) for s in stages]
+    expected += [("baseline", s, 1) for s in ("train", "prune_step_1", "finetune")]
+    assert [(r["pipeline"], r["stage"], int(r["models"])) for r in rows] == expected
+    # top-1 is a fraction in the CSV (the mean over the models), a percentage in the markdown
+    markdown = (workdir / "report.md").read_text()
     for row in rows:
-        if row.get("top1") not in (None, ""):
-            assert 0.0 <= float(row["top1"]) <= 100.0
-    assert "baseline" in (workdir / "report.md").read_text().lower()
+        top1, each = float(row["top1"]), json.loads(row["top1_each"])
+        assert len(each) == int(row["models"])
+        assert 0.0 <= top1 <= 1.0 and top1 == pytest.approx(np.mean(each))
+        assert f"| {row['pipeline']} | {row['stage']} | {row['models']} | {100 * top1:.2f} |" in (
+            markdown
+        )
+    # the saved final model's accuracy, computed by hand (percent), is the last row's
+    final = jobs.restore(workdir / "model")
+    hand = _top1_by_hand(final.model, final.variables, env)
+    assert float(rows[len(stages) - 1]["top1"]) == pytest.approx(hand / 100, abs=1e-6)
+    assert int(rows[len(stages) - 1]["params"]) == sum(
+        np.size(x) for x in jax.tree.leaves(final.variables["params"])
+    )
 
 
 def test_split_train_argument_errors_are_one_line(capsys):

@@ -128,3 +128,40 @@ def test_importance_errors(tiny_vgg):
         ifjax.group_importance(folded, groups[1], "l3")
     with pytest.raises(ValueError, match="unknown importance"):
         ifjax.intra_fusion(0.5, "chip")
+
+
+def _lamp_from_definition(scores: np.ndarray) -> np.ndarray:
+    """LAMP of every channel: its score over the sum of the scores not below it."""
+    return np.array([s / scores[scores >= s].sum() for s in scores])
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_lamp_by_hand_on_unfolded_variables(tiny_vgg, index):
+    """LAMP from its definition (REFERENCE.md section 3) in numpy, on the variables as
+    trained (BatchNorm not folded: random gamma): per layer the L2 norm of every channel's
+    slice and the BatchNorm's |gamma|, averaged, divided by their mean, then LAMP."""
+    model, variables, x = tiny_vgg
+    groups = ifjax.discover_groups(model, variables, x)
+    writer, reader = {0: ("conv2", "classifier"), 1: ("conv1", "conv2"), 2: ("conv0", "conv1")}[
+        index
+    ]
+    w = _np(variables, ("params", writer, "kernel"))
+    r = _np(variables, ("params", reader, "kernel"))
+    n = w.shape[-1]
+    gamma = _np(variables, ("params", "bn" + writer[-1], "scale"))
+    assert gamma.std() > 0.1  # random, not the folded ones
+    if reader == "classifier":  # reads the flattened 2x2 map: rows (position, channel)
+        r = r.reshape(-1, n, r.shape[-1]).transpose(1, 0, 2).reshape(n, -1)
+    else:
+        r = np.moveaxis(r, 2, 0).reshape(n, -1)
+    vectors = [
+        np.linalg.norm(np.moveaxis(w, 3, 0).reshape(n, -1), axis=1),
+        np.linalg.norm(r, axis=1),
+        np.abs(gamma),
+    ]
+    mean = np.mean(vectors, axis=0)
+    expected = _lamp_from_definition(mean / mean.mean())
+    got = np.asarray(ifjax.group_importance(variables, groups[index], "lamp"))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert np.argmax(got) == np.argmax(mean)  # the largest channel scores 1
+    np.testing.assert_allclose(got.max(), 1.0, rtol=1e-6)

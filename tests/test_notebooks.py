@@ -26,6 +26,7 @@ def test_notebooks_match_their_generator():
         assert [c.source for c in written.cells] == [source for _, source in cells]
 
 
+@pytest.mark.slow  # the notebooks train on the real CIFAR-10 zip
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path):
     require_shared("data")

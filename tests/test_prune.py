@@ -318,3 +318,77 @@ def test_fold_and_prune_without_conv_bias():
     pm, pv, _ = ifjax.prune(model, variables, groups, sparsity=0.5)
     _, masked, _ = ifjax.prune(model, variables, groups, sparsity=0.5, masked=True)
     np.testing.assert_allclose(pm.apply(pv, x), model.apply(masked, x), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- all groups
+
+
+def _take_channels(value, keep, axis, outer=1, inner=1):
+    """``np.take`` of the kept channels of an axis laid out as (outer, n, inner)."""
+    moved = np.moveaxis(np.asarray(value), axis, 0)
+    n = moved.shape[0] // (outer * inner)
+    blocks = moved.reshape((outer, n, inner) + moved.shape[1:])
+    taken = np.take(blocks, keep, axis=1).reshape((-1,) + moved.shape[1:])
+    return np.moveaxis(taken, 0, axis)
+
+
+def _slice_group(tree, group, keep):
+    """``tree`` with every slice of the group's channels cut to ``keep``, by hand."""
+    updates = {}
+    get = lambda path: updates.get(path, tree_get(tree, path))
+    for layer in (*group.writers, *group.readers):
+        updates[layer.kernel] = _take_channels(
+            get(layer.kernel), keep, layer.axis, layer.outer, layer.inner
+        )
+    for path, axis in group.channel_params:
+        updates[path] = _take_channels(get(path), keep, axis)
+    return tree_replace(tree, updates)
+
+
+@pytest.mark.parametrize("name", ["tiny_vgg", "tiny_resnet"])
+def test_default_pruning_of_all_groups_equals_slicing_every_group(name, request):
+    """All groups pruned at once equal np.take of every group's kept indices, each keep
+    set the most important channels of the group when its turn came."""
+    model, variables, x, groups, folded = _setup(request.getfixturevalue(name))
+    pruned_model, pruned, plans = ifjax.prune(
+        model, variables, "all", sparsity=0.5, method="default", example_input=x
+    )
+    assert len(plans) == len(groups)
+    expected = folded
+    for group, plan in zip(groups, plans, strict=True):
+        keep = np.asarray(plan.keep)
+        assert len(keep) == group.size // 2 and np.all(np.diff(keep) > 0)
+        scores = np.asarray(ifjax.group_importance(expected, group, "l1"))
+        assert scores[keep].min() >= np.delete(scores, keep).max()
+        expected = _slice_group(expected, group, keep)
+    assert_trees_equal(pruned, expected)
+    assert jax.tree.map(np.shape, pruned) != jax.tree.map(np.shape, folded)
+    np.testing.assert_allclose(
+        pruned_model.apply(pruned, x), model.for_variables(expected).apply(expected, x), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("name", ["tiny_vgg", "tiny_resnet"])
+def test_intra_fusion_of_all_groups_equals_one_group_at_a_time(name, request):
+    """Pruning every group in one call equals pruning them one by one through the
+    single-group path, each time on the pruned model with its groups discovered anew."""
+    model, variables, x, groups, folded = _setup(request.getfixturevalue(name))
+    options = dict(sparsity=0.5, importance="l2", marginals="importance")
+    pruned_model, pruned, plans = ifjax.prune(model, variables, "all", example_input=x, **options)
+    one_model, one = model, folded
+    for i, group in enumerate(groups):
+        found = ifjax.discover_groups(one_model, one, x)
+        assert found[i].writers == group.writers and found[i].size == group.size
+        pruner = ifjax.intra_fusion(0.5, "l2", marginals="importance")
+        plan = pruner.plan(one, found[i])
+        np.testing.assert_array_equal(plan.keep, plans[i].keep)
+        np.testing.assert_allclose(plan.writer_map, plans[i].writer_map, rtol=1e-6, atol=1e-7)
+        one = pruner.apply(one, found[i], plan)
+        one_model = one_model.for_variables(one)
+    assert one_model == pruned_model
+    assert_trees_equal(pruned, one, rtol=1e-6, atol=1e-7)
+    # not Default pruning: the merged channels differ from the sliced ones
+    sliced = ifjax.prune(
+        model, variables, "all", method="default", importance="l2", sparsity=0.5, example_input=x
+    )[1]
+    assert not np.allclose(pruned_model.apply(pruned, x), pruned_model.apply(sliced, x))

@@ -37,6 +37,7 @@ def mobilenet_report(tmp_path, monkeypatch):
     return module, reproduce
 
 
+@pytest.mark.slow  # trains on the real CIFAR-10 zip
 def test_mobilenet_report_end_to_end(mobilenet_report):
     module, reproduce = mobilenet_report
     text = module.report().read_text()

@@ -31,6 +31,7 @@ def vit_report(tmp_path, monkeypatch):
     return module, reproduce
 
 
+@pytest.mark.slow  # trains on the real CIFAR-10 zip
 def test_vit_report_end_to_end(vit_report):
     module, reproduce = vit_report
     path = module.vit_report()

@@ -12,6 +12,9 @@ from tests.conftest import require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# trains on the real CIFAR-10 zip: deselected by default (pytest -m slow)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def module(tmp_path_factory):
