@@ -15,14 +15,14 @@ import time
 import numpy as np
 
 import ifjax
-from tests.test_golden import NAMES, _setup
+from tests.golden import NAMES, setup
 
 
 def count(epsilon: float) -> tuple[int, int, float, int]:
     matched = total = not_converged = 0
     worst = 0.0
     for name in NAMES:
-        golden, groups, folded = _setup(name)
+        golden, groups, folded = setup(name)
         for case in golden.cases:
             importance = "lamp_released" if case["importance"] == "lamp" else case["importance"]
             if case["method"] == "default":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
+import jax
 import numpy as np
 
+import ifjax
 from models import VGG, resnet18
 from models.torch_weights import load_torch_state_dict, torch_module_names
 
@@ -61,3 +64,41 @@ class Golden:
 
 def available() -> bool:
     return (GOLDEN / "vgg11_tiny.npz").exists()
+
+
+NAMES = ("vgg11_tiny", "resnet18_tiny")
+
+
+@functools.cache
+def setup(name: str):
+    golden = Golden(name)
+    groups = ifjax.discover_groups(golden.model, golden.variables, golden.x)
+    folded = ifjax.fold_batchnorm(golden.variables, groups)
+    return golden, groups, folded
+
+
+def pruner_for(case, solver="exact"):
+    # the golden "lamp" is the released code's scrambled LAMP
+    importance = "lamp_released" if case["importance"] == "lamp" else case["importance"]
+    if case["method"] == "default":
+        return ifjax.default_pruning(case["sparsity"], importance)
+    return ifjax.intra_fusion(
+        case["sparsity"], importance, marginals=case["marginals"], solver=solver
+    )
+
+
+def cases():
+    if not available():
+        return []
+    return [(name, case["id"]) for name in NAMES for case in Golden(name).cases]
+
+
+def prune_case(name: str, case_id: str, solver: str = "exact"):
+    golden, groups, folded = setup(name)
+    case = next(c for c in golden.cases if c["id"] == case_id)
+    group = groups[case["group"]]
+    pruner = pruner_for(case, solver)
+    plan = pruner.plan(folded, group)
+    variables = pruner.apply(folded, group, plan)
+    logits = jax.jit(golden.model.for_variables(variables).apply)(variables, golden.x)
+    return golden, case, variables, np.asarray(logits), plan

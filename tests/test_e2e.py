@@ -245,7 +245,9 @@ def test_demo_runs_in_under_15_minutes(tmp_path):
     assert (tmp_path / "demo" / "datafree" / "datafree.png").exists()
 
 
-@pytest.mark.parametrize("command", ["fap", "paf"])
+# paf's CLI run is slow-marked to keep CI under 15 minutes: the PaF pipeline itself runs by
+# default in tests/test_pipelines.py and tests/test_clients.py, the command line in fap's run
+@pytest.mark.parametrize("command", ["fap", pytest.param("paf", marks=pytest.mark.slow)])
 def test_split_data_pipelines_through_the_command_line(command, env, monkeypatch):
     monkeypatch.setenv("IFJAX_CIFAR10_ZIP", str(env["zip"]))
     workdir = env["root"] / command

@@ -140,14 +140,14 @@ def test_device_batches_are_crops_and_flips_of_their_examples_and_resume_exactly
 
 
 def test_mixed_precision_step_keeps_float32_state_and_follows_the_float32_step():
-    model = create_model("vgg11_bn", 10, 0.125)
+    model = create_model("vgg11_bn", 10, 0.0625)
     variables = init_variables(model, 0)
     optimizer = training.make_optimizer("fast", 10, 1)
     state = training.create_train_state(model, variables, optimizer)
     rng = np.random.default_rng(0)
     batch = {
-        "image": jnp.asarray(rng.normal(size=(16, 32, 32, 3)), jnp.float32),
-        "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32),
+        "image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
     }
     full, full_metrics = training.train_step(state, batch, model=model, optimizer=optimizer)
     mixed, mixed_metrics = training.train_step(
