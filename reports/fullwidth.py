@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "reports"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import reproduce  # noqa: E402  (reports/reproduce.py)
 
 import ifjax  # noqa: E402
 from models.registry import create_model, init_variables  # noqa: E402
@@ -447,8 +448,6 @@ def table1_stage(
     model = _model(name, recipe)
     variables = load_weights(workdir / WEIGHTS)
     journal = workdir / "table1.jsonl"
-    import reproduce
-
     done = reproduce.read_journal(journal)
     base = 100 * training.evaluate(model, variables, data.evals)["top1"]
     for sparsity in recipe.table1_sparsities:
@@ -935,8 +934,6 @@ def _results(runs: Path) -> dict[str, Any]:
             trained = _read_json(root / name / "train.json")
             if trained is None or (recipe == "tiny" and found["models"]):
                 continue
-            import reproduce
-
             found["models"][name] = dict(
                 recipe=recipe,
                 train=trained,

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import fullwidth
 import numpy as np
 import reproduce
 
@@ -40,19 +41,13 @@ def _base_table(found: Mapping[str, Any]) -> list[str]:
     ]
     for name, result in found["models"].items():
         t = result["train"]
-        low, high = reproduce_paper_base(name)
+        low, high = fullwidth.PAPER_BASE[name]
         lines.append(
             f"| {LABELS[name]} x{t['width']:g} | {_device(result)} | {_recipe_line(t)} | "
             f"{t['epochs_run']} | **{t['test_top1']:.2f}%** | {low:.1f}-{high:.1f}% | "
             f"{t['train_seconds'] / 60:.1f} min | {t['images_per_second']:.0f} |"
         )
     return lines
-
-
-def reproduce_paper_base(name: str) -> tuple[float, float]:
-    import fullwidth
-
-    return fullwidth.PAPER_BASE[name]
 
 
 def _plot_training(found: Mapping[str, Any], path: Path) -> Path:
@@ -71,7 +66,7 @@ def _plot_training(found: Mapping[str, Any], path: Path) -> Path:
                 marker=".",
                 label=f"{LABELS[name]} ({result['recipe']})",
             )
-        low, high = reproduce_paper_base(name)
+        low, high = fullwidth.PAPER_BASE[name]
         ax.axhspan(low, high, alpha=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
@@ -131,8 +126,6 @@ def _first_conv_lines(name: str, cells: Mapping[tuple, Mapping[str, Any]]) -> li
 
 
 def _datafree_section(name: str, result: Mapping[str, Any], reports: Path) -> list[str]:
-    import fullwidth
-
     rows = result["datafree"]
     if not rows:
         return [f"Not run yet for {LABELS[name]}.", ""]
@@ -240,12 +233,10 @@ def _paired(rows, method="intra_fusion"):
 
 def _summary(found: Mapping[str, Any]) -> list[str]:
     """Where we agree with the paper and where not, in numbers; then what is not run yet."""
-    import fullwidth
-
     lines = []
     for name, result in found["models"].items():
         t, label = result["train"], LABELS[name]
-        low, high = reproduce_paper_base(name)
+        low, high = fullwidth.PAPER_BASE[name]
         check = result.get("check")
         checked = (
             f" (the returned weights evaluated on this CPU: {check['top1']:.2f}%)" if check else ""
