@@ -1,22 +1,26 @@
-"""Wall time of training k replicas: one after another vs one vmapped (and sharded) program.
+"""Wall time of training k replicas: k separate runs vs each replica strategy of
+``train.split.train_replicas``.
 
 Usage::
 
     python bench/replicas.py --k 2 4 --width 0.25 --batch-size 64 --steps 20
     python bench/replicas.py --k 2 4 --devices 4   # also shard over 4 forced CPU devices
 
-For every k, three ways of taking ``--steps`` SGD steps of all k replicas are timed side
+For every k, these ways of taking ``--steps`` SGD steps of all k replicas are timed side
 by side in one process, on the same synthetic CIFAR-sized batches (generated up front and
 already on the device, so only training is measured):
 
-* ``sequential``: k separate states, the jitted ``train.training.train_step`` called for
-  each replica in turn;
-* ``vmapped``: one jitted vmapped step over the stacked states, on one device;
-* ``sharded``: the same step with the replica axis split over ``--devices`` devices (on a
+* ``separate runs`` (the baseline): k trainings one after another, all steps of replica 0
+  with the jitted ``train.training.train_step``, then all of replica 1, ...;
+* ``sequential``: the strategy of that name, every step the plain step of each replica;
+* ``vmap``: one jitted vmapped step over the stacked states, on one device;
+* ``shard``: the same step with the replica axis split over ``--devices`` devices (on a
   CPU host, forced with ``--xla_force_host_platform_device_count``, which this script sets
   before importing JAX).
 
-Compilation is timed separately (first step) and excluded from the per-step numbers.
+The strategies are the objects ``train_replicas`` itself steps with; the row marked
+``auto`` is the one it picks here (``train.split.choose_strategy``). Compilation is timed
+separately (first step) and excluded from the per-step numbers.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models.registry import create_model, init_variables  # noqa: E402
-from train.split import replica_mesh, replica_train_step, shard_replicas, stack_trees  # noqa: E402
+from train.split import _strategy, choose_strategy  # noqa: E402
 from train.training import create_train_state, make_optimizer, train_step  # noqa: E402
 
 
@@ -78,7 +82,7 @@ def _timed(run, repeats: int) -> tuple[float, float]:
     return first, best
 
 
-def _sequential(model, optimizer, states, data, repeats):
+def _separate_runs(model, optimizer, states, data, repeats):
     per_replica = [
         [jax.device_put({key: b[key][r] for key in b}) for b in data] for r in range(len(states))
     ]
@@ -93,19 +97,24 @@ def _sequential(model, optimizer, states, data, repeats):
     return _timed(run, repeats)
 
 
-def _vmapped(model, optimizer, states, data, devices, repeats):
-    mesh = replica_mesh(len(states), devices)
-    step = replica_train_step(model, optimizer, mesh)
-    stacked = shard_replicas(stack_trees(states), mesh)
-    placed = [shard_replicas(b, mesh) for b in data]
+def _strategy_run(name, model, optimizer, states, data, devices, repeats):
+    """Times ``train_replicas``' strategy ``name``; returns the timing and devices used."""
+    k = len(states)
+    runner = _strategy(name, k, model, optimizer, devices, None)
+    placed_states = runner.place(states)
+    placed = [
+        runner.batch({r: jax.device_put({key: b[key][r] for key in b}) for r in range(k)}, k)
+        for b in data
+    ]
 
     def run(first: bool):
-        nonlocal stacked
+        nonlocal placed_states
         for batch in placed[:1] if first else placed[1:]:
-            stacked, _ = step(stacked, batch)
-        jax.block_until_ready(stacked)
+            placed_states, _ = runner.step(placed_states, batch)
+        jax.block_until_ready(placed_states)
 
-    return _timed(run, repeats), mesh.shape["replica"]
+    used = len(runner.mesh.devices.flat) if hasattr(runner, "mesh") else 1
+    return _timed(run, repeats), used
 
 
 def _bench_k(model, k: int, args) -> list[dict]:
@@ -115,18 +124,18 @@ def _bench_k(model, k: int, args) -> list[dict]:
         create_train_state(model, v, optimizer, seed=r) for r, v in enumerate(variables)
     ]
     data = _batches(k, args.batch_size, args.steps)
-    rows = []
-    (compile_s, seconds) = _sequential(model, optimizer, fresh(), data, args.repeats)
-    rows.append({"k": k, "mode": "sequential", "devices": 1, "compile": compile_s, "run": seconds})
-    (compile_s, seconds), used = _vmapped(model, optimizer, fresh(), data, 1, args.repeats)
-    rows.append({"k": k, "mode": "vmapped", "devices": used, "compile": compile_s, "run": seconds})
-    if args.devices > 1:
-        (compile_s, seconds), used = _vmapped(
-            model, optimizer, fresh(), data, args.devices, args.repeats
+    compile_s, seconds = _separate_runs(model, optimizer, fresh(), data, args.repeats)
+    rows = [{"mode": "separate runs", "devices": 1, "compile": compile_s, "run": seconds}]
+    names = ["sequential", "vmap"] + (["shard"] if args.devices > 1 else [])
+    for name in names:
+        (compile_s, seconds), used = _strategy_run(
+            name, model, optimizer, fresh(), data, args.devices, args.repeats
         )
-        rows.append(
-            {"k": k, "mode": "sharded", "devices": used, "compile": compile_s, "run": seconds}
-        )
+        rows.append({"mode": name, "devices": used, "compile": compile_s, "run": seconds})
+    auto = choose_strategy(k)
+    for row in rows:
+        row["k"] = k
+        row["auto"] = row["mode"] == auto
     return rows
 
 
@@ -137,7 +146,7 @@ def main(args: argparse.Namespace) -> None:
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{os.cpu_count()} CPU cores"
     )
-    header = "| k | mode | devices | compile s | s/step (all k) | img/s | speedup vs sequential |"
+    header = "| k | mode | devices | compile s | s/step (all k) | img/s | time vs separate runs |"
     print(header + "\n|---:|---|---:|---:|---:|---:|---:|")
     for k in args.k:
         rows = _bench_k(model, k, args)
@@ -145,9 +154,10 @@ def main(args: argparse.Namespace) -> None:
         for row in rows:
             per_step = row["run"] / args.steps
             images = k * args.batch_size / per_step
+            mode = row["mode"] + (" (auto)" if row["auto"] else "")
             print(
-                f"| {k} | {row['mode']} | {row['devices']} | {row['compile']:.1f} | "
-                f"{per_step:.4f} | {images:.0f} | {base / row['run']:.2f}x |",
+                f"| {k} | {mode} | {row['devices']} | {row['compile']:.1f} | "
+                f"{per_step:.4f} | {images:.0f} | {row['run'] / base:.2f}x |",
                 flush=True,
             )
 

@@ -18,8 +18,8 @@ Stages (each resumes; a stage cut short is simply run again):
   short fine-tune (journaled per row).
 * ``bench``: a training step in images/s, ifjax vs PyTorch on the same device, both
   models at batch 128 and 512.
-* ``replicas``: split-data training of k = 1, 2, 4 replicas vmapped on one device against
-  k sequential runs (``bench/replicas.py``).
+* ``replicas``: split-data training of k = 1, 2, 4 replicas on one device, each replica
+  strategy of ``train_replicas`` against k separate runs (``bench/replicas.py``).
 * ``report``: ``reports/fullwidth.md`` (and ``reports/gpu.md`` when GPU results exist),
   tables, CSVs and plots beside the paper's numbers.
 
@@ -628,7 +628,7 @@ def bench_stage(names: Sequence[str], recipe: Recipe, out: Path, deadline: Deadl
 
 
 def replicas_stage(name: str, recipe: Recipe, out: Path, deadline: Deadline) -> list:
-    """k = 1, 2, 4 replicas of ``name``: one vmapped program vs k sequential ones."""
+    """k = 1, 2, 4 replicas of ``name``: each replica strategy vs k separate runs."""
     bench_replicas = _bench_module("replicas")
     path = out / "replicas.json"
     rows = _read_json(path) or []

@@ -400,7 +400,7 @@ def write_gpu(found: Mapping[str, Any], reports: Path) -> Path:
         lines += [
             f"- {r['model']} {r['batch_size']} {r['framework']}: {r['error']}" for r in errors
         ]
-    lines += ["", "## Split-data training: k replicas vmapped vs k sequential runs", ""]
+    lines += ["", "## Split-data training: k replicas at once vs k separate runs", ""]
     if replicas:
         r0 = replicas[0]
         lines += [
@@ -408,15 +408,16 @@ def write_gpu(found: Mapping[str, Any], reports: Path) -> Path:
             f"{r0['batch_per_replica']} per replica, {r0['steps']} timed steps (float32, "
             "`bench/replicas.py`).",
             "",
-            "| k | mode | s per step (all k) | images/s | speedup vs sequential | compile s |",
+            "| k | mode | s per step (all k) | images/s | speedup vs separate runs | compile s |",
             "|---:|---|---:|---:|---:|---:|",
         ]
-        sequential = {r["k"]: r["run"] for r in replicas if r["mode"] == "sequential"}
+        separate = {r["k"]: r["run"] for r in replicas if r["mode"] == "separate runs"}
         for r in replicas:
-            base = sequential.get(r["k"])
+            base = separate.get(r["k"])
             speedup = f"{base / r['run']:.2f}x" if base else "-"
+            mode = r["mode"] + (" (auto)" if r.get("auto") else "")
             lines.append(
-                f"| {r['k']} | {r['mode']} | {r['run'] / r['steps']:.4f} | "
+                f"| {r['k']} | {mode} | {r['run'] / r['steps']:.4f} | "
                 f"{r['images_per_second']:.0f} | {speedup} | {r['compile']:.1f} |"
             )
     else:

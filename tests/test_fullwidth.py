@@ -232,8 +232,9 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
     assert ours and all(r["images_per_second"] > 0 for r in ours)
     replicas = json.loads((runs / "tiny" / "replicas.json").read_text())
     assert {(r["k"], r["mode"]) for r in replicas} == {
-        (k, m) for k in recipe.replicas for m in ("sequential", "vmapped")
+        (k, m) for k in recipe.replicas for m in ("separate runs", "sequential", "vmap")
     }
+    assert sum(r["auto"] for r in replicas) == len(recipe.replicas)  # one pick per k
 
     paths = fullwidth.write_reports(runs, reports)
     text = (reports / "fullwidth.md").read_text()
@@ -242,7 +243,7 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
         assert heading in text
     assert "| l1 | Intra-Fusion (exact) | 1 |" in text  # one group x one sparsity
     gpu = (reports / "gpu.md").read_text()
-    assert "| VGG11-BN | 16 | float32 |" in gpu and "| 2 | vmapped |" in gpu
+    assert "| VGG11-BN | 16 | float32 |" in gpu and "| 2 | vmap |" in gpu
     assert (reports / "data" / "fullwidth_datafree_vgg11_bn.csv").exists()
     assert all(p.exists() for p in paths)
 

@@ -19,7 +19,7 @@ import pytest
 
 import ifjax
 import train.pipelines
-import train.split
+import train.training
 from ifjax.checkpoint import restore_model, restore_pytree
 from models import VGG
 from tests.tree_asserts import assert_trees_equal
@@ -272,23 +272,25 @@ def test_fap_resumes_after_the_finished_stages(data, fap_run, tmp_path, monkeypa
 
 
 def test_paf_resumes_inside_an_interrupted_training(data, paf_run, tmp_path, monkeypatch):
-    # epochs of train.split._train_epoch: paf split 1-2, prune 3, finetune 4;
+    # epochs of train.training._train_epoch: paf split 1-2, prune 3, finetune 4;
     # baseline train 5-6, prune 7, finetune 8. Interrupt the baseline's 2nd epoch.
     with monkeypatch.context() as patch:
-        _counted(patch, train.split, "_train_epoch", fail_on_call=6)
+        _counted(patch, train.training, "_train_epoch", fail_on_call=6)
         with pytest.raises(RuntimeError, match="interrupted"):
             paf(MODEL, data, workdir=tmp_path, **PAF)
     training = tmp_path / "stages" / "baseline" / "00_train" / "training"
-    assert [p.name for p in training.iterdir()] == ["epoch_00001"]
+    checkpoints = [p.name for p in (training / "checkpoints").iterdir()]
+    assert len(checkpoints) == 1 and checkpoints[0].startswith("step_")
+    assert len((training / "metrics.jsonl").read_text().splitlines()) == 1
 
-    epochs = _counted(monkeypatch, train.split, "_train_epoch")
+    epochs = _counted(monkeypatch, train.training, "_train_epoch")
     trained = _counted(monkeypatch, train.pipelines, "train_replicas")
     fused = _counted(monkeypatch, train.pipelines, "fuse")
     lines = []
     resumed = paf(MODEL, data, workdir=tmp_path, **dict(PAF, log=lines.append))
     # every PaF stage loaded; the baseline's training went on from its first epoch
     assert (epochs[0], trained[0], fused[0]) == (3, 3, 0)
-    assert any("resumed after epoch 1" in line for line in lines)
+    assert any("resumed at step" in line and "(epoch 2)" in line for line in lines)
     _assert_same_run(resumed, paf_run[1])
     assert not training.exists()
 
@@ -349,18 +351,18 @@ _TWO_PROCESSES = textwrap.dedent(
     import jax
     port, process, workdir, fail_on_epoch = sys.argv[1:]
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(process))
-    import train.split
+    import train.training
     from tests.test_pipelines import FAP, MODEL, _dataset
     from train.pipelines import fap
 
-    original, calls = train.split._train_epoch, []
+    original, calls = train.training._train_epoch, []
     def interruptible(*args):
         calls.append(1)
         if len(calls) == int(fail_on_epoch):
             print("INTERRUPTED", flush=True)
             os._exit(3)
         return original(*args)
-    train.split._train_epoch = interruptible
+    train.training._train_epoch = interruptible
     settings = dict(FAP, k=4, prune_steps=1, finetune_epochs=2, workdir=workdir)
     result = fap(MODEL, (_dataset(128, 1), _dataset(48, 2)), **settings)
     rows = [(r["stage"], r["models"], r["top1_each"]) for r in result.report["rows"]]

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 import train.split
+import train.training
 from models import VGG
 from tests.tree_asserts import assert_trees_equal
 from train.data import ArrayDataset, batches
 from train.split import (
     IndexedDataset,
     _mesh_devices,
+    choose_strategy,
     kfold_training_sets,
     replica_seed,
     split_indices,
@@ -91,7 +93,8 @@ def test_indexed_dataset_reads_its_examples():
     assert len(view) == 3 and view.num_classes == 3
 
 
-def test_train_replicas_equals_separate_fits():
+@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
+def test_train_replicas_equals_separate_fits(strategy):
     train, test = _dataset(), _dataset(32, seed=1)
     datasets = [IndexedDataset(train, p) for p in split_indices(len(train), 2, seed=0)]
     initial = [_numpy_variables(MODEL, seed=r) for r in range(2)]
@@ -105,9 +108,10 @@ def test_train_replicas_equals_separate_fits():
         optimizer_kind="fast",
         seed=3,
         eval_batches=evaluate,
+        strategy=strategy,
         log=None,
     )
-    assert [h["steps"] for h in history] == [3, 3]
+    assert [h["step"] for h in history] == [3, 6]
     for r in range(2):
         seed = replica_seed(3, r)
         expected, fit_history = fit(
@@ -133,40 +137,79 @@ def test_train_replicas_equals_separate_fits():
         assert_trees_equal(trained[r], jax.device_get(expected), rtol=1e-5, atol=1e-6)
         for ours, theirs in zip(history, fit_history, strict=True):
             np.testing.assert_allclose(ours["train_loss"][r], theirs["train_loss"], rtol=1e-5)
+            np.testing.assert_allclose(ours["test_loss"][r], theirs["test_loss"], rtol=1e-5)
             assert ours["test_top1"][r] == theirs["test_top1"]
+            assert ours["lr"] == theirs["lr"]
     kernel = lambda variables: variables["params"]["conv0"]["kernel"]
     assert not np.allclose(kernel(trained[0]), kernel(initial[0]))
 
 
-def test_train_replicas_resumes_from_its_checkpoints(tmp_path, monkeypatch):
+def _replicas(workdir, **kwargs):
     data = _dataset()
     datasets = [IndexedDataset(data, p) for p in split_indices(len(data), 2, seed=0)]
     initial = [_numpy_variables(MODEL, seed=r) for r in range(2)]
-    run = lambda epochs: train_replicas(
-        MODEL, initial, datasets, epochs=epochs, batch_size=16, optimizer_kind="fast", seed=3,
-        checkpoint_dir=tmp_path, log=None,
-    )  # fmt: skip
-    expected, _ = train_replicas(
-        MODEL, initial, datasets, epochs=2, batch_size=16, optimizer_kind="fast", seed=3, log=None
-    )
-    original, calls = train.split._train_epoch, []
+    settings = dict(epochs=2, batch_size=16, optimizer_kind="fast", seed=3, log=None)
+    return train_replicas(MODEL, initial, datasets, workdir=workdir, **(settings | kwargs))
 
-    def interrupted_in_epoch_2(*args):
-        calls.append(args[-1])
+
+@pytest.fixture(scope="module")
+def uninterrupted_replicas():
+    return _replicas(None, strategy="vmap")
+
+
+def test_train_replicas_resume_at_any_step_under_any_strategy(
+    tmp_path, monkeypatch, uninterrupted_replicas
+):
+    expected, expected_history = uninterrupted_replicas
+    original, calls = train.training._train_epoch, []
+
+    def interrupted_in_epoch_2(run, *args):
+        calls.append(run.epoch)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(*args)
+        return original(run, *args)
 
-    monkeypatch.setattr(train.split, "_train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(train.training, "_train_epoch", interrupted_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        run(2)
-    assert [p.name for p in tmp_path.iterdir()] == ["epoch_00001"]
-    trained, history = run(2)
+        _replicas(tmp_path, strategy="sequential")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000000003"]
+    trained, history = _replicas(tmp_path, strategy="vmap")
     assert calls == [0, 1, 1]  # epoch 0 once, epoch 1 again after the interruption
     assert [h.get("restored", False) for h in history] == [True, False]
-    assert_trees_equal(trained, expected)
-    with pytest.raises(ValueError, match="replica training with settings"):
-        run(3)
+    assert_trees_equal(trained, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(history[1]["train_loss"], expected_history[1]["train_loss"])
+    monkeypatch.undo()
+    # stopped inside epoch 2 (max_steps), resumed there by the other strategy
+    _, partial = _replicas(tmp_path / "mid", strategy="vmap", max_steps=4)
+    assert len(partial) == 1
+    assert sorted(p.name for p in (tmp_path / "mid" / "checkpoints").iterdir())[-1] == (
+        "step_000000004"
+    )
+    trained, history = _replicas(tmp_path / "mid", strategy="sequential")
+    assert_trees_equal(trained, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        history[1]["train_loss"], expected_history[1]["train_loss"], rtol=1e-5
+    )
+    rows = (tmp_path / "mid" / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:6] == ["epoch", "step", "lr", "train_loss_0", "train_loss_1",
+                                      "train_acc_0"]  # fmt: skip
+    assert len(rows) == 3
+    with pytest.raises(ValueError, match="run with config"):
+        _replicas(tmp_path, epochs=3)
+
+
+def test_train_replicas_names_bad_strategies_and_old_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="unknown replica strategy 'grouped'"):
+        _replicas(None, strategy="grouped")
+    (tmp_path / "epoch_00001").mkdir()
+    with pytest.raises(ValueError, match="older ifjax"):
+        _replicas(tmp_path)
+
+
+def test_strategy_is_chosen_per_backend():
+    assert choose_strategy(2, backend="cpu") == "sequential"
+    assert choose_strategy(2, backend="gpu") == "vmap"
+    assert choose_strategy(4, backend="tpu") == "vmap"
 
 
 def test_mesh_takes_the_same_number_of_devices_from_every_process():
@@ -197,9 +240,9 @@ _SHARDED_SCRIPT = textwrap.dedent(
     import numpy as np
     from models import VGG
     from train.data import ArrayDataset
-    from train.split import (IndexedDataset, _optimizer, replica_mesh, replica_train_step,
+    from train.split import (IndexedDataset, replica_mesh, replica_train_step,
                              shard_replicas, split_indices, stack_trees, train_replicas)
-    from train.training import create_train_state
+    from train.training import create_train_state, optimizer_config
 
     model = VGG(cfg=(4, "M"), num_classes=3)
     rng = np.random.default_rng(0)
@@ -220,15 +263,16 @@ _SHARDED_SCRIPT = textwrap.dedent(
     results = {}
     for d in (1, 2, 4):
         results[d], _ = train_replicas(model, initial, datasets, epochs=2, batch_size=8,
-                                       optimizer_kind="fast", seed=1, num_devices=d, log=None)
+                                       optimizer_kind="fast", seed=1, num_devices=d,
+                                       strategy="shard", log=None)
         mesh = replica_mesh(4, d)
         out["mesh"][d] = mesh.shape["replica"]
-        optimizer = _optimizer("fast", 4, 2, 0.9, 5e-4)  # the one train_replicas used
+        optimizer, _ = optimizer_config("fast", 4, 2)  # the one train_replicas used
         states = stack_trees([create_train_state(model, v, optimizer) for v in initial])
         states = shard_replicas(states, mesh)
         batch = {"image": np.zeros((4, 8, 8, 8, 3), np.float32),
                  "label": np.zeros((4, 8), np.int32)}
-        step = replica_train_step(model, optimizer, mesh)  # cached: compiled above
+        step = replica_train_step(model, optimizer, mesh, None)  # cached: compiled above
         states, _ = step(states, shard_replicas(batch, mesh))
         kernel = states.params["conv0"]["kernel"]
         shard = list(kernel.sharding.shard_shape(kernel.shape))

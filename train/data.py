@@ -55,6 +55,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ArrayDataset",
+    "IndexedDataset",
     "BatchIterator",
     "Cifar10Jpeg",  # noqa: F822 (module __getattr__: defined in train._tfds_builder)
     "Dataset",
@@ -441,16 +442,43 @@ class ArrayDataset:
         return images, self.labels[indices]
 
 
-def random_subset(dataset: ArrayDataset, size: int, *, seed: int = 0) -> ArrayDataset:
+@dataclasses.dataclass(frozen=True, eq=False)
+class IndexedDataset:
+    """A view of the examples ``indices`` of any dataset (no copy); a :class:`Dataset`.
+
+    :meth:`ArrayDataset.subset` gathers the arrays instead; :func:`random_subset` picks
+    the one that fits.
+    """
+
+    base: Dataset
+    indices: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return self.base.num_classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get_batch(self, indices: np.ndarray, rng: np.random.Generator | None = None):
+        """Examples ``self.indices[indices]`` of the base dataset (see ``Dataset``)."""
+        return self.base.get_batch(self.indices[np.asarray(indices)], rng)
+
+
+def random_subset(dataset: Dataset, size: int, *, seed: int = 0) -> Dataset:
     """``size`` examples drawn without replacement, in random order, reproducible from seed.
 
     The offline CIFAR-10 is stored sorted by class, so a slice such as ``train[:10%]``
-    holds one class only; use this for small representative subsets.
+    holds one class only; use this for small representative subsets. An
+    :class:`ArrayDataset` gives an :class:`ArrayDataset` (:meth:`ArrayDataset.subset`),
+    any other dataset an :class:`IndexedDataset` view.
     """
     if not 0 < size <= len(dataset):
         raise ValueError(f"subset size must be in [1, {len(dataset)}], got {size}")
     order = np.random.default_rng(seed).permutation(len(dataset))[:size]
-    return dataset.subset(order, split=f"{dataset.split}[random {size}, seed {seed}]")
+    if isinstance(dataset, ArrayDataset):
+        return dataset.subset(order, split=f"{dataset.split}[random {size}, seed {seed}]")
+    return IndexedDataset(dataset, order)
 
 
 def _read_examples(source: Sequence[dict], keys: list[int]) -> list[dict]:

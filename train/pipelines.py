@@ -299,10 +299,10 @@ class _Context:
             augment=self.options.augment,
             num_devices=self.options.num_devices,
             steps_per_epoch=self.options.steps_per_epoch,
-            checkpoint_dir=self.checkpoint_dir,
+            workdir=self.checkpoint_dir,
             log=self.log,
         )
-        self.carried_seconds += sum(r["seconds"] for r in history if r.get("restored"))
+        self.carried_seconds += sum(r["epoch_seconds"] for r in history if r.get("restored"))
         return trained
 
     def evaluate(self, model, variables_list) -> list[float]:

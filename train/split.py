@@ -4,12 +4,17 @@ Splits (paper section 6): :func:`split_indices` cuts the training set into k dis
 equal parts (a different cut per seed); :func:`kfold_training_sets` gives the k-fold
 variant's C(k, k/2) training sets, each the union of k/2 parts.
 
-Replicas in one program: the k models' params, BatchNorm statistics and optimizer states
-are stacked on a leading *replica* axis and trained by ONE jit-compiled ``jax.vmap`` of
-:func:`train.training.train_step`. Every replica reads its own data stream (the step's
-batch has shape (k, B, H, W, C)) and keeps its own BatchNorm statistics (nothing is
-reduced across the replica axis), so replica r follows exactly the trajectory a separate
-training run with the same seeds and data would.
+Replicas at once: :func:`train_replicas` runs :func:`train.training.run_loop`, the one
+training loop (``fit`` runs it for one model), over k training states. A replica
+*strategy* steps them: ``"vmap"`` stacks the k models' params, BatchNorm statistics and
+optimizer states on a leading *replica* axis and trains them by ONE jit-compiled
+``jax.vmap`` of :func:`train.training.train_step`; ``"shard"`` also splits that axis over
+devices; ``"sequential"`` steps each replica with the plain jitted step in turn (faster
+on XLA:CPU, where a vmapped convolution becomes a slower grouped one);
+:func:`choose_strategy` picks one per backend. Every replica reads its own data stream
+and keeps its own BatchNorm statistics (nothing is reduced across replicas), so replica
+r follows exactly the trajectory a separate training run with the same seeds and data
+would.
 
 Sharding: the replica axis is laid out over a 1-D device mesh ``Mesh(devices,
 ("replica",))`` with ``NamedSharding(mesh, PartitionSpec("replica"))`` on every stacked
@@ -35,12 +40,13 @@ only the batches of the replicas whose shards live on its own devices
 (``jax.make_array_from_callback`` asks it for exactly those); results are gathered to
 every host with ``multihost_utils.process_allgather``.
 
-Resuming: with ``checkpoint_dir``, :func:`train_replicas` saves the stacked training
-state after every epoch (``checkpoint_dir/epoch_<N>/``, :func:`ifjax.checkpoint.save_pytree`,
+Resuming: with ``workdir``, the training state is checkpointed as ``fit`` does it
+(``workdir/checkpoints/step_<N>/``, the replicas stacked, :func:`ifjax.checkpoint.save_pytree`,
 atomic; process 0 writes, so with several hosts the directory must be on a shared file
-system) and a later call with the same settings continues from the newest one. Every
-epoch's batches depend only on (seed, replica, epoch), so the resumed run equals the
-uninterrupted one.
+system) after every epoch and every ``checkpoint_every_steps`` steps, and a later call
+with the same settings continues from the newest one, under any strategy. Every
+epoch's batches depend only on (seed, replica, epoch, step), so the resumed run equals
+the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -49,39 +55,39 @@ import dataclasses
 import functools
 import itertools
 import os
-import re
-import shutil
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ifjax.checkpoint import restore_pytree, save_pytree
 from models.layers import inference_jit
-from train.data import Dataset, batches
+from train.data import Dataset, IndexedDataset, batches
 from train.training import (
+    Batch,
+    TrainLoop,
     TrainState,
-    _check_matches,
-    _fixed_size_batches,
-    check_checkpoint_identity,
     create_train_state,
     eval_step,
-    make_optimizer,
+    evaluate,
+    evaluate_with,
+    optimizer_config,
+    run_loop,
+    sync_processes,
+    to_host,
     train_step,
 )
 
 __all__ = [
     "REPLICA_AXIS",
+    "STRATEGIES",
     "IndexedDataset",
+    "choose_strategy",
     "evaluate_replicas",
     "kfold_training_sets",
     "replica_mesh",
@@ -150,25 +156,6 @@ def kfold_training_sets(num_examples: int, k: int, seed: int) -> list[np.ndarray
     return [np.sort(np.concatenate([parts[i] for i in combo])) for combo in combos]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class IndexedDataset:
-    """A view of the examples ``indices`` of a dataset (no copy); a :class:`Dataset`."""
-
-    base: Dataset
-    indices: np.ndarray
-
-    @property
-    def num_classes(self) -> int:
-        return self.base.num_classes
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def get_batch(self, indices: np.ndarray, rng: np.random.Generator | None = None):
-        """Examples ``self.indices[indices]`` of the base dataset (see ``Dataset``)."""
-        return self.base.get_batch(self.indices[np.asarray(indices)], rng)
-
-
 def replica_seed(seed: int, replica: int) -> int:
     """A non-negative 31-bit seed for replica ``replica`` of a run with seed ``seed``."""
     return int(np.random.SeedSequence([seed, replica]).generate_state(1)[0] >> 1)
@@ -182,25 +169,11 @@ def stack_trees(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(list(trees)))
 
 
-def _to_host(tree: Any) -> Any:
-    """Every process gets the whole of a (possibly multi-host sharded) tree as numpy."""
-    leaves = jax.tree.leaves(tree)
-    if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
-        tree = multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
 def unstack_tree(tree: Any) -> list[Any]:
     """The inverse of :func:`stack_trees`: k pytrees (fetched to this host as numpy)."""
-    tree = _to_host(tree)
+    tree = to_host(tree)
     k = jax.tree.leaves(tree)[0].shape[0]
     return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(k)]
-
-
-def sync_processes(name: str) -> None:
-    """Waits until every process gets here (a no-op with one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def replica_mesh(k: int, num_devices: int | None = None) -> Mesh:
@@ -274,7 +247,10 @@ def shard_replicas(tree: Any, mesh: Mesh) -> Any:
 
 @functools.lru_cache(maxsize=32)
 def replica_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh | None = None
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+    compute_dtype: str | None = None,
 ) -> Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
     """One jit-compiled, vmapped :func:`train.training.train_step` over stacked replicas.
 
@@ -282,6 +258,7 @@ def replica_train_step(
       model: the Linen model (the same architecture for every replica).
       optimizer: the optax optimizer of the states.
       mesh: lay the replica axis out over this mesh (None: no sharding constraint).
+      compute_dtype: mixed precision, as in :func:`train.training.train_step`.
 
     Returns:
       ``step(states, batch) -> (states, metrics)``: ``states`` a :class:`TrainState`
@@ -292,7 +269,9 @@ def replica_train_step(
       >>> step = replica_train_step(model, optimizer, replica_mesh(k))
       >>> states, metrics = step(states, {"image": images, "label": labels})
     """
-    per_replica = functools.partial(train_step, model=model, optimizer=optimizer)
+    per_replica = functools.partial(
+        train_step, model=model, optimizer=optimizer, compute_dtype=compute_dtype
+    )
     vmapped = jax.vmap(per_replica)
     if mesh is None:
         return jax.jit(vmapped, donate_argnums=0)
@@ -320,92 +299,181 @@ def evaluate_replicas(
     Returns:
       One ``{"top1", "loss", "count"}`` per replica, like :func:`train.training.evaluate`.
     """
-    step = _replica_eval_step(model, mesh)
-    totals = None
-    for batch in _fixed_size_batches(eval_batches):
-        out = step(stacked_variables, batch)
-        sums = (out["loss_sum"], out["correct"], out["count"])
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if totals is None:
-        raise ValueError("evaluate_replicas got no batches")
-    loss_sum, correct, count = (np.asarray(x) for x in _to_host(totals))
-    return [
-        {"top1": float(c) / int(n), "loss": float(s) / int(n), "count": int(n)}
-        for s, c, n in zip(loss_sum, correct, count, strict=True)
-    ]
+    return evaluate_with(_replica_eval_step(model, mesh), stacked_variables, eval_batches)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+STRATEGIES = ("auto", "vmap", "shard", "sequential")
+
+
+def choose_strategy(
+    k: int, num_devices: int | None = None, backend: str | None = None
+) -> str:
+    """The replica strategy :func:`train_replicas` uses with ``strategy="auto"``.
+
+    * ``"shard"`` when the replicas can be spread over more than one device (or process):
+      the replica axis is split over :func:`replica_mesh` and no device talks to another.
+    * ``"sequential"`` on a CPU backend: a vmapped convolution becomes a grouped
+      convolution there, which XLA:CPU runs slower than the k plain ones (measured with
+      ``bench/replicas.py``, see bench/README.md: VGG11-BN x0.25, batch 64 on 2 cores,
+      vmapped k=2 took 1.3x the time of two sequential steps).
+    * ``"vmap"`` on GPUs and TPUs: one program keeps the accelerator busy where k small
+      models alone would not.
+    """
+    if jax.process_count() > 1 or len(replica_mesh(k, num_devices).devices.flat) > 1:
+        return "shard"
+    return "sequential" if (backend or jax.default_backend()) == "cpu" else "vmap"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stacked:
+    """``"vmap"`` and ``"shard"``: one vmapped program over states stacked on a leading
+    axis, laid out over ``mesh`` (one device for ``"vmap"``)."""
+
+    model: nn.Module
+    step_fn: Callable
+    mesh: Mesh
+
+    def place(self, states: Sequence[TrainState]) -> TrainState:
+        return shard_replicas(stack_trees(states), self.mesh)
+
+    def step(self, states: TrainState, batch: Mapping[str, Any]):
+        return self.step_fn(states, batch)
+
+    def batch(self, local: Mapping[int, Batch], k: int) -> dict[str, jax.Array]:
+        """The replicas' batches as global (k, B, ...) arrays sharded by replica."""
+        first = next(iter(local.values()))
+        sharding = _sharding(self.mesh)
+
+        def global_array(key):
+            shape = (k,) + np.shape(first[key])
+            fetch = lambda index: np.stack([local[r][key] for r in range(k)[index[0]]])[
+                (slice(None),) + tuple(index[1:])
+            ]
+            return jax.make_array_from_callback(shape, sharding, fetch)
+
+        return {key: global_array(key) for key in ("image", "label")}
+
+    def evaluate(self, states: TrainState, eval_batches: Callable[[], Iterable[Batch]]):
+        return evaluate_replicas(self.model, states.variables, eval_batches(), self.mesh)
+
+    def stored(self, states: TrainState) -> TrainState:
+        return to_host(states)
+
+    def restored(self, states: TrainState, stored: TrainState) -> TrainState:
+        return shard_replicas(stored, self.mesh)
+
+    def variables(self, states: TrainState) -> list[dict[str, Any]]:
+        return unstack_tree(states.variables)
+
+    def local_replicas(self, k: int) -> list[int]:
+        """Replicas whose shards live on this process's devices."""
+        indices = _sharding(self.mesh).addressable_devices_indices_map((k,)).values()
+        return sorted({r for (s,) in indices for r in range(k)[s]})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sequential:
+    """``"sequential"``: a list of k states, each stepped by the plain jitted
+    :func:`train.training.train_step` in turn (the work of k separate runs)."""
+
+    model: nn.Module
+    optimizer: optax.GradientTransformation
+    compute_dtype: str | None
+
+    def place(self, states: Sequence[TrainState]) -> list[TrainState]:
+        return list(states)
+
+    def step(self, states: list[TrainState], batch: Mapping[str, Any]):
+        new, metrics = [], []
+        for r, state in enumerate(states):
+            one = {key: batch[key][r] for key in ("image", "label")}
+            state, m = train_step(
+                state, one, model=self.model, optimizer=self.optimizer,
+                compute_dtype=self.compute_dtype,
+            )  # fmt: skip
+            new.append(state)
+            metrics.append(m)
+        return new, {key: jnp.stack([m[key] for m in metrics]) for key in metrics[0]}
+
+    def batch(self, local: Mapping[int, Batch], k: int) -> list[Batch]:
+        return {key: [local[r][key] for r in range(k)] for key in ("image", "label")}
+
+    def evaluate(self, states: list[TrainState], eval_batches: Callable[[], Iterable[Batch]]):
+        return [evaluate(self.model, state.variables, eval_batches()) for state in states]
+
+    def stored(self, states: list[TrainState]) -> TrainState:
+        return stack_trees(states)
+
+    def restored(self, states: list[TrainState], stored: TrainState) -> list[TrainState]:
+        return unstack_tree(stored)
+
+    def variables(self, states: list[TrainState]) -> list[dict[str, Any]]:
+        return [to_host(state.variables) for state in states]
+
+    def local_replicas(self, k: int) -> list[int]:
+        return list(range(k))
+
+
+def _strategy(
+    strategy: str,
+    k: int,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    num_devices: int | None,
+    compute_dtype: str | None,
+) -> _Stacked | _Sequential:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown replica strategy {strategy!r}; known: {STRATEGIES}")
+    if strategy == "auto":
+        strategy = choose_strategy(k, num_devices)
+    if strategy == "sequential":
+        if jax.process_count() > 1:
+            raise ValueError("strategy 'sequential' runs in one process; use 'shard'")
+        return _Sequential(model, optimizer, compute_dtype)
+    mesh = replica_mesh(k, 1 if strategy == "vmap" else num_devices)
+    return _Stacked(model, replica_train_step(model, optimizer, mesh, compute_dtype), mesh)
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def _local_replicas(mesh: Mesh, k: int) -> list[int]:
-    """Replicas whose shards live on this process's devices."""
-    indices = _sharding(mesh).addressable_devices_indices_map((k,)).values()
-    return sorted({r for (s,) in indices for r in range(k)[s]})
+def _replica_batches(
+    runner: _Stacked | _Sequential,
+    datasets: Sequence[Dataset],
+    batch_size: int,
+    seeds: Sequence[int],
+    augment: bool,
+):
+    """``(epoch, start_step) -> iterator`` of every replica's batch of each step."""
+    k = len(datasets)
 
+    def epoch_batches(epoch: int, start_step: int):
+        streams = {
+            r: batches(
+                datasets[r],
+                batch_size,
+                shuffle=True,
+                augment=augment,
+                seed=seeds[r],
+                epoch=epoch,
+                drop_remainder=True,
+                start_step=start_step,
+            )
+            for r in runner.local_replicas(k)
+        }
+        try:
+            while True:
+                local = {r: next(stream, None) for r, stream in streams.items()}
+                if any(b is None for b in local.values()):
+                    return
+                yield runner.batch(local, k)
+        finally:
+            for stream in streams.values():
+                stream.close()
 
-def _replica_batch(streams: Mapping[int, Any], k: int, mesh: Mesh) -> dict[str, jax.Array] | None:
-    """Next batch of every local replica, as global (k, B, ...) arrays sharded by replica."""
-    local = {r: next(stream, None) for r, stream in streams.items()}
-    if any(b is None for b in local.values()):
-        return None
-    first = next(iter(local.values()))
-    sharding = _sharding(mesh)
-
-    def global_array(key):
-        shape = (k,) + np.shape(first[key])
-        fetch = lambda index: np.stack([local[r][key] for r in range(k)[index[0]]])[
-            (slice(None),) + tuple(index[1:])
-        ]
-        return jax.make_array_from_callback(shape, sharding, fetch)
-
-    return {key: global_array(key) for key in ("image", "label")}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """What stays fixed while training replicas."""
-
-    model: nn.Module
-    datasets: tuple[Dataset, ...]
-    batch_size: int
-    steps_per_epoch: int
-    seeds: tuple[int, ...]
-    augment: bool
-    mesh: Mesh
-
-
-def _streams(plan: _Plan, epoch: int) -> dict[int, Any]:
-    """This epoch's batch iterator of every replica this process feeds."""
-    return {
-        r: batches(
-            plan.datasets[r],
-            plan.batch_size,
-            shuffle=True,
-            augment=plan.augment,
-            seed=plan.seeds[r],
-            epoch=epoch,
-            drop_remainder=True,
-        )
-        for r in _local_replicas(plan.mesh, len(plan.datasets))
-    }
-
-
-def _train_epoch(plan: _Plan, step_fn, states, epoch: int):
-    """One epoch over every replica's stream; returns states, metric sums and steps."""
-    streams = _streams(plan, epoch)
-    sums, steps = None, 0
-    while steps < plan.steps_per_epoch:
-        batch = _replica_batch(streams, len(plan.datasets), plan.mesh)
-        if batch is None:
-            break
-        states, metrics = step_fn(states, batch)
-        pair = (metrics["loss"], metrics["accuracy"])
-        sums = pair if sums is None else jax.tree.map(jnp.add, sums, pair)
-        steps += 1
-    for stream in streams.values():
-        stream.close()
-    return states, sums, steps
+    return epoch_batches
 
 
 def train_replicas(
@@ -423,47 +491,68 @@ def train_replicas(
     steps_per_epoch: int | None = None,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
-    checkpoint_dir: str | os.PathLike | None = None,
+    workdir: str | os.PathLike | None = None,
+    strategy: str = "auto",
+    checkpoint_every_steps: int | None = None,
+    max_steps: int | None = None,
+    compute_dtype: str | None = None,
+    log_every: int | None = None,
     log: Callable[[str], None] | None = print,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Trains k replicas of one architecture, each on its own dataset, in one program.
+    """Trains k replicas of one architecture, each on its own dataset, at once.
 
     Replica r starts from ``variables_list[r]`` with training key seed and data seed
     ``replica_seed(seed, r)`` and reads ``batches(datasets[r], batch_size, shuffle=True,
     augment=augment, seed=replica_seed(seed, r), epoch=e, drop_remainder=True)``: the
-    same run as ``train.training.fit`` with those seeds and batches, for every replica
-    at once (vmapped, sharded over ``replica_mesh(k, num_devices)``).
+    same run as :func:`train.training.fit` with those seeds and batches, for every
+    replica. It is :func:`train.training.run_loop`, the loop of ``fit``, with a replica
+    *strategy* stepping the k states:
+
+    * ``"vmap"``: one jit-compiled vmapped step over the stacked states, on one device;
+    * ``"shard"``: the same, the replica axis split over ``replica_mesh(k, num_devices)``
+      (several devices or hosts);
+    * ``"sequential"``: the plain step of each replica in turn (one process);
+    * ``"auto"`` (default): :func:`choose_strategy`, from measurements per backend.
+
+    The strategy changes the speed only: every strategy reads and writes the same
+    checkpoints (stacked), so a run may resume under another one.
 
     Args:
       model: the Linen model of every replica (equal widths).
       variables_list: k initial ``{"params": ..., "batch_stats": ...}``.
       datasets: k datasets of at least ``batch_size`` examples (e.g.
-        :class:`IndexedDataset` splits).
+        :class:`train.data.IndexedDataset` splits).
       epochs: epochs to train.
       batch_size: examples per replica and step.
       optimizer_kind: learning-rate schedule (see :func:`train.training.make_optimizer`).
       seed: run seed.
       augment: CIFAR crop + flip augmentation.
       num_devices: at most this many devices for the replica axis (None: all).
-      eval_batches: ``() -> iterable`` of test batches, evaluated after every epoch.
+      eval_batches: ``() -> iterable`` of test batches, evaluated after every epoch
+        (None: no evaluation, ``test_top1`` and ``test_loss`` are None).
       steps_per_epoch: steps per epoch (default and maximum: the smallest dataset's
         ``len // batch_size``); fewer makes quick runs.
       momentum, weight_decay: SGD settings.
-      checkpoint_dir: save the training state here after every epoch and, if it holds
-        a checkpoint of this training (same settings and shapes, else a ValueError),
-        continue from it (None: no checkpoints).
-      log: where one line per epoch goes (None: nowhere).
+      workdir: as :func:`train.training.fit`'s: ``metrics.jsonl``, ``metrics.csv`` and
+        ``checkpoints/step_<N>/`` go here, and a run with the same settings (else a
+        ValueError) continues from the newest checkpoint (None: nothing is written).
+      strategy: ``"auto"``, ``"vmap"``, ``"shard"`` or ``"sequential"`` (see above).
+      checkpoint_every_steps: also checkpoint every that many steps (besides each epoch).
+      max_steps: stop (and checkpoint) once this many steps are done.
+      compute_dtype: mixed precision, e.g. ``"bfloat16"`` (see ``train_step``).
+      log_every: steps between progress lines with rate and ETA (None: epoch lines only).
+      log: where the lines go (None: nowhere).
 
     Returns:
       ``(variables_list, history)``: the k trained variables (numpy, on this host) and
-      one record per epoch with per-replica ``train_loss``, ``train_acc``,
-      ``test_top1`` (when evaluated) and the epoch's ``seconds``; records of epochs
+      one record per epoch (``train.training.METRIC_COLUMNS``; per-replica lists for
+      ``train_loss``, ``train_acc``, ``test_top1`` and ``test_loss``); records of epochs
       restored from a checkpoint also have ``"restored": True``.
 
     Example:
       >>> parts = split_indices(len(train), 2, seed=0)
       >>> trained, history = train_replicas(model, [v0, v1],
-      ...     [IndexedDataset(train, p) for p in parts], epochs=30, batch_size=128)
+      ...     [train.subset(p) for p in parts], epochs=30, batch_size=128)
     """
     k = len(variables_list)
     if k < 1 or len(datasets) != k:
@@ -472,118 +561,50 @@ def train_replicas(
     if steps < 1:
         raise ValueError(f"every dataset needs at least batch_size={batch_size} examples")
     steps = steps if steps_per_epoch is None else min(steps, steps_per_epoch)
-    optimizer = _optimizer(optimizer_kind, steps, epochs, momentum, weight_decay)
-    seeds = tuple(replica_seed(seed, r) for r in range(k))
-    mesh = replica_mesh(k, num_devices)
-    plan = _Plan(model, tuple(datasets), batch_size, steps, seeds, augment, mesh)
-    states = [
-        create_train_state(model, variables, optimizer, seed=s)
-        for variables, s in zip(variables_list, seeds, strict=True)
-    ]
-    states = stack_trees(states)
-    checkpoints = None
-    if checkpoint_dir is not None:
-        config = dict(
-            k=k,
-            dataset_sizes=[len(d) for d in datasets],
-            epochs=epochs,
-            batch_size=batch_size,
-            steps_per_epoch=steps,
-            optimizer_kind=optimizer_kind,
-            seed=seed,
-            augment=augment,
-            momentum=momentum,
-            weight_decay=weight_decay,
-        )
-        checkpoints = _ReplicaCheckpoints(Path(checkpoint_dir).absolute(), config)
-    states, history = (states, []) if checkpoints is None else checkpoints.restore(states, log)
-    states = shard_replicas(states, plan.mesh)
-    step_fn = replica_train_step(model, optimizer, plan.mesh)
-    for epoch in range(len(history), epochs):
-        start = time.perf_counter()
-        states, sums, done = _train_epoch(plan, step_fn, states, epoch)
-        jax.block_until_ready(states)
-        record = _epoch_record(epoch, done, sums, time.perf_counter() - start)
-        if eval_batches is not None:
-            scores = evaluate_replicas(model, states.variables, eval_batches(), plan.mesh)
-            record["test_top1"] = [s["top1"] for s in scores]
-        history.append(record)
-        if log is not None:
-            log(_epoch_line(record, epochs))
-        if checkpoints is not None:
-            checkpoints.save(states, history)
-    return unstack_tree(states.variables), history
-
-
-@dataclasses.dataclass(frozen=True)
-class _ReplicaCheckpoints:
-    """The stacked training states of :func:`train_replicas`, one ``epoch_<N>`` per epoch."""
-
-    directory: Path
-    config: dict[str, Any]
-
-    def found(self) -> list[Path]:
-        """Checkpoint directories (hidden temporaries excluded), oldest first."""
-        if not self.directory.is_dir():
-            return []
-        names = [p for p in self.directory.iterdir() if re.fullmatch(r"epoch_\d+", p.name)]
-        return sorted(names, key=lambda p: int(p.name.split("_")[1]))
-
-    def save(self, states: TrainState, history: list[dict[str, Any]]) -> None:
-        """Saves the states after ``len(history)`` epochs (process 0), keeps only the newest."""
-        tree = flax.serialization.to_state_dict(_to_host(states))
-        if jax.process_index() == 0:
-            metadata = {"kind": "replica_train_state", "config": self.config, "history": history}
-            path = self.directory / f"epoch_{len(history):05d}"
-            save_pytree(path, tree, metadata=metadata, overwrite=True)
-            for old in self.found()[:-1]:
-                shutil.rmtree(old)
-        sync_processes("ifjax_replica_checkpoint")
-
-    def restore(self, states: TrainState, log) -> tuple[TrainState, list[dict[str, Any]]]:
-        """The newest checkpoint's states and history, or ``(states, [])`` if there is none."""
-        found = self.found()
-        if not found:
-            return states, []
-        tree, info = restore_pytree(found[-1])
-        check_checkpoint_identity(
-            found[-1],
-            info,
-            self.config,
-            kind="replica_train_state",
-            what="replica training",
-            owner="replica training with settings",
-            fix=f"remove {self.directory} to start it over",
-        )
-        _check_matches(found[-1], tree, flax.serialization.to_state_dict(states))
-        history = [dict(record, restored=True) for record in info["history"]]
-        if log is not None:
-            log(f"replicas: resumed after epoch {len(history)} from {found[-1]}")
-        return flax.serialization.from_state_dict(states, jax.device_get(tree)), history
-
-
-_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
-
-
-def _epoch_record(epoch: int, steps: int, sums, seconds: float) -> dict[str, Any]:
-    if sums is None:
-        raise ValueError(f"no training batch in epoch {epoch}")
-    loss, accuracy = (np.asarray(x) / steps for x in _to_host(sums))
-    return {
-        "epoch": epoch + 1,
-        "steps": steps,
-        "train_loss": loss.tolist(),
-        "train_acc": accuracy.tolist(),
-        "seconds": seconds,
-    }
-
-
-def _epoch_line(record: Mapping[str, Any], epochs: int) -> str:
-    fmt = lambda values: " ".join(f"{v:.4f}" for v in values)
-    line = (
-        f"replicas epoch {record['epoch']}/{epochs}: loss [{fmt(record['train_loss'])}] "
-        f"acc [{fmt(record['train_acc'])}] | {record['seconds']:.1f}s"
+    optimizer, schedule = optimizer_config(
+        optimizer_kind, steps, epochs, momentum=momentum, weight_decay=weight_decay
     )
-    if "test_top1" in record:
-        line += f" | test top1 [{fmt(record['test_top1'])}]"
-    return line
+    runner = _strategy(strategy, k, model, optimizer, num_devices, compute_dtype)
+    seeds = tuple(replica_seed(seed, r) for r in range(k))
+    config = dict(
+        k=k,
+        dataset_sizes=[len(d) for d in datasets],
+        epochs=epochs,
+        batch_size=batch_size,
+        steps_per_epoch=steps,
+        optimizer_kind=optimizer_kind,
+        seed=seed,
+        augment=augment,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
+    config |= {"compute_dtype": compute_dtype} if compute_dtype is not None else {}
+    no_evaluation = [{"top1": None, "loss": None}] * k
+    loop = TrainLoop(
+        step=runner.step,
+        train_batches=_replica_batches(runner, datasets, batch_size, seeds, augment),
+        evaluate=lambda states: (
+            no_evaluation if eval_batches is None else runner.evaluate(states, eval_batches)
+        ),
+        stored=runner.stored,
+        restored=runner.restored,
+        schedule=schedule,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        config=config,
+        workdir=None if workdir is None else Path(workdir).absolute(),
+        checkpoint_every_steps=checkpoint_every_steps,
+        max_steps=max_steps,
+        replicas=k,
+    )
+    states = runner.place(
+        [
+            create_train_state(model, variables, optimizer, seed=s)
+            for variables, s in zip(variables_list, seeds, strict=True)
+        ]
+    )
+    states, history, restored = run_loop(
+        loop, states, log_every=log_every, progress_bar=False, log=log
+    )
+    history = [dict(r, restored=True) if i < restored else r for i, r in enumerate(history)]
+    return runner.variables(states), history

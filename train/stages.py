@@ -9,11 +9,12 @@ pruning steps, fine-tuning). With a ``workdir`` they keep::
         output/                    # the finished stage: {"replica_<r>": variables} with
                                    #   the model spec and the report row (save_pytree,
                                    #   written atomically, so present means finished)
-        training/epoch_<N>/        # the stage's replica training checkpoint while it runs
+        training/                  # the stage's replica training while it runs (fit's
+                                   #   layout: checkpoints/step_<N>/, metrics)
 
 A rerun of the same pipeline with the same settings (:meth:`StageStore.open` compares
 them, ignoring :data:`IGNORED_SETTINGS`) loads every finished stage instead of running
-it, and a stage interrupted while training continues from its last epoch. Other
+it, and a stage interrupted while training continues from its last checkpoint. Other
 settings raise a ValueError naming the keys that differ, unless ``overwrite`` deletes
 the old stages first. With several processes (``jax.distributed``) process 0 writes and
 every process reads, so ``workdir`` must be on a file system all hosts share.

@@ -18,16 +18,20 @@ weight decay) instead, the usual optimizer of vision transformers, with the same
 schedule shapes; ``peak_lr`` then replaces the schedule's peak (SGD's 0.1 is far too
 large for Adam: ViTs train with about 1e-3).
 
-``fit`` checkpoints its whole training state (params, batch_stats, opt_state, step, rng,
-epoch and position inside the epoch, running train metrics and the metrics history) into
-``workdir/checkpoints/step_<N>/`` with :func:`ifjax.checkpoint.save_pytree` (Orbax,
-atomic), keeping the last two, and resumes the same run from the newest one.
+One loop trains everything: :class:`TrainLoop` run by :func:`run_loop`, built by ``fit``
+for one model and by :func:`train.split.train_replicas` for k replicas. It checkpoints
+the whole training state (params, batch_stats, opt_state, step, rng, epoch and position
+inside the epoch, running train metrics and the metrics history; replicas stacked on a
+leading axis) into ``workdir/checkpoints/step_<N>/`` with
+:func:`ifjax.checkpoint.save_pytree` (Orbax, atomic), keeping the last two, and resumes
+the same run from the newest one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import re
@@ -44,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ifjax.checkpoint import restore_pytree, save_pytree
@@ -54,14 +59,20 @@ __all__ = [
     "METRIC_COLUMNS",
     "OPTIMIZERS",
     "SCHEDULES",
+    "TrainLoop",
     "TrainState",
     "create_train_state",
     "eval_step",
     "evaluate",
     "eval_throughput",
+    "evaluate_with",
     "fit",
     "learning_rate_schedule",
     "make_optimizer",
+    "optimizer_config",
+    "run_loop",
+    "sync_processes",
+    "to_host",
     "train_step",
 ]
 
@@ -336,6 +347,24 @@ def eval_step(
     }
 
 
+def to_host(tree: Any) -> Any:
+    """The whole of a (possibly multi-host sharded) tree on this host, as numpy.
+
+    Every process must call it with the same tree: arrays spread over several processes
+    are gathered with ``multihost_utils.process_allgather``.
+    """
+    leaves = jax.tree.leaves(tree)
+    if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process gets here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def _fixed_size_batches(batches: Iterable[Batch]) -> Iterator[dict[str, Any]]:
     """Cuts batches to the first batch's size and pads the last with masked rows."""
     size = None
@@ -374,21 +403,30 @@ def evaluate(
       >>> evaluate(model, variables, test_batches())["top1"]
       0.9123
     """
+    return evaluate_with(functools.partial(eval_step, model=model), variables, batches)[0]
+
+
+def evaluate_with(step: Callable, variables: Any, batches: Iterable[Batch]) -> list[dict[str, Any]]:
+    """The evaluation loop of :func:`evaluate`, for any step with :func:`eval_step`'s
+    outputs: one model (scalars) or k stacked replicas ((k,) arrays, e.g. vmapped).
+
+    Returns:
+      One ``{"top1", "loss", "count"}`` per model.
+    """
     totals = None
     for batch in _fixed_size_batches(batches):
-        out = eval_step(variables, batch, model=model)
+        out = step(variables, batch)
         sums = (out["loss_sum"], out["correct"], out["count"])
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if totals is None:
         raise ValueError("evaluate got no batches")
-    loss_sum, correct, count = jax.device_get(totals)
-    if count == 0:
+    loss_sum, correct, count = (np.atleast_1d(np.asarray(x)) for x in to_host(totals))
+    if np.any(count == 0):
         raise ValueError("evaluate got no examples")
-    return {
-        "top1": float(correct) / int(count),
-        "loss": float(loss_sum) / int(count),
-        "count": int(count),
-    }
+    return [
+        {"top1": float(c) / int(n), "loss": float(s) / int(n), "count": int(n)}
+        for s, c, n in zip(loss_sum, correct, count, strict=True)
+    ]
 
 
 def eval_throughput(
@@ -406,50 +444,128 @@ def eval_throughput(
     return batch.shape[0] / best
 
 
-@jax.jit
-def _accumulate(sums: jax.Array, metrics: dict[str, jax.Array], batch_size: int) -> jax.Array:
-    """Adds a step's (loss * B, correct, B) to the running train sums (float32 (3,))."""
-    size = jnp.asarray(batch_size, jnp.float32)
-    return sums + jnp.stack([metrics["loss"] * size, metrics["accuracy"] * size, size])
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoop:
+    """How one training run (one model, or k replicas at once) steps, reads, evaluates
+    and stores its state; :func:`run_loop` runs it.
+
+    :func:`fit` (one model) and :func:`train.split.train_replicas` (k replicas, one
+    :class:`TrainState` each, stepped by a replica strategy) both build one, so the two
+    share one loop, one checkpoint layout, one resume path and one evaluation step.
+
+    Attributes:
+      step: ``(state, batch) -> (state, {"loss", "accuracy"})``; with replicas the
+        metrics have shape (k,).
+      train_batches: ``(epoch, start_step) -> iterable`` of the epoch's batches from
+        step ``start_step`` on; a batch's ``"label"`` is (B,) or, with replicas, (k, B).
+      evaluate: ``state -> [{"top1", "loss"}, ...]``, one dict per model.
+      stored: ``state -> TrainState`` on this host (numpy; replicas stacked on a leading
+        axis), what a checkpoint holds. Called by every process.
+      restored: ``(state, stored TrainState) -> state``, the inverse of ``stored`` (the
+        first argument gives the layout, e.g. the device placement).
+      schedule: the learning rate per step (recorded per epoch).
+      epochs, steps_per_epoch: the run's length.
+      config: what identifies the run; a checkpoint of another config is refused.
+      workdir: where ``metrics.jsonl``, ``metrics.csv`` and ``checkpoints/step_<N>/`` go
+        (None: nothing is written).
+      checkpoint_every_steps: also checkpoint every that many steps (besides each epoch).
+      max_steps: stop (and checkpoint) once this many steps are done.
+      replicas: None for one model (scalar metrics), else k (per-replica lists).
+    """
+
+    step: Callable[[Any, Batch], tuple[Any, dict[str, jax.Array]]]
+    train_batches: Callable[[int, int], Iterable[Batch]]
+    evaluate: Callable[[Any], list[dict[str, float]]]
+    stored: Callable[[Any], TrainState]
+    restored: Callable[[Any, TrainState], Any]
+    schedule: optax.Schedule
+    epochs: int
+    steps_per_epoch: int
+    config: dict[str, Any]
+    workdir: Path | None = None
+    checkpoint_every_steps: int | None = None
+    max_steps: int | None = None
+    replicas: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise ValueError(
+                f"checkpoint_every_steps must be >= 1, got {self.checkpoint_every_steps}"
+            )
+        if self.epochs < 1 or self.steps_per_epoch < 1:
+            raise ValueError(
+                f"need epochs >= 1 and steps_per_epoch >= 1, got {self.epochs}, "
+                f"{self.steps_per_epoch}"
+            )
 
 
 @dataclasses.dataclass
 class _Run:
-    """Where a run is: the state, the epoch, the position in it and what was measured."""
+    """Where a run is: the state, the epoch, the position in it and what was measured.
 
-    state: TrainState
-    step: int = 0  # == int(state.step), kept on the host to avoid a sync per step
+    ``sums`` holds (loss * B, correct, B) of the epoch so far per model, float64 on the
+    host; ``pending`` the metrics of the steps not yet added to them (on the device, so
+    that a step never waits for the previous one).
+    """
+
+    state: Any
+    sums: np.ndarray
+    step: int = 0  # steps taken, kept on the host to avoid a sync per step
     epoch: int = 0
     step_in_epoch: int = 0
-    sums: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros(3, jnp.float32))
+    pending: list[tuple[dict[str, jax.Array], int]] = dataclasses.field(default_factory=list)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     saved_step: int = -1
+    restored_epochs: int = 0
+
+    def settle(self) -> np.ndarray:
+        """Adds the pending steps' metrics to ``sums`` (in step order) and returns them."""
+        if self.pending:
+            metrics = to_host([m for m, _ in self.pending])
+            for values, (_, size) in zip(metrics, self.pending, strict=True):
+                loss = np.asarray(values["loss"], np.float64)
+                accuracy = np.asarray(values["accuracy"], np.float64)
+                self.sums += np.stack([loss * size, accuracy * size, np.full_like(loss, size)], -1)
+            self.pending = []
+        return self.sums
 
 
-@dataclasses.dataclass(frozen=True)
-class _Fit:
-    """What stays fixed during a run."""
+def _per_model(values: np.ndarray, loop: TrainLoop) -> Any:
+    """A float for one model, a list of floats for replicas."""
+    return float(values) if loop.replicas is None else [float(v) for v in values]
 
-    model: nn.Module
-    optimizer: optax.GradientTransformation
-    schedule: optax.Schedule
-    train_batches: Callable[[int, int], Iterable[Batch]]
-    eval_batches: Callable[[], Iterable[Batch]]
-    epochs: int
-    steps_per_epoch: int
-    config: dict[str, Any]
-    workdir: Path | None
-    checkpoint_every_steps: int | None
-    max_steps: int | None
-    compute_dtype: str | None = None
+
+def _format(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + " ".join(map(_format, value)) + "]"
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _train_means(run: _Run, loop: TrainLoop) -> tuple[Any, Any]:
+    loss_sum, correct, seen = np.moveaxis(run.settle(), -1, 0)
+    seen = np.maximum(seen, 1)
+    return _per_model(loss_sum / seen, loop), _per_model(correct / seen, loop)
 
 
 class _Progress:
-    """A tqdm bar on a terminal; otherwise a line every ``log_every`` steps."""
+    """A tqdm bar on a terminal; otherwise a line every ``log_every`` steps, with rate and
+    ETA; ``log=None`` writes nothing."""
 
-    def __init__(self, total: int, initial: int, log_every: int | None, bar: bool | None):
-        self.interactive = sys.stdout.isatty() if bar is None else bar
-        self.total, self.initial, self.log_every = total, initial, log_every
+    def __init__(
+        self,
+        total: int,
+        initial: int,
+        log_every: int | None,
+        bar: bool | None,
+        log: Callable[[str], None] | None = print,
+    ):
+        self.log = log
+        self.interactive = log is not None and (sys.stdout.isatty() if bar is None else bar)
+        self.total, self.initial = total, initial
+        self.log_every = log_every if log is not None else None
         self.start = time.perf_counter()
         self.bar = tqdm(
             total=total,
@@ -460,32 +576,36 @@ class _Progress:
             disable=not self.interactive,
         )
 
-    def step(self, run: _Run) -> None:
+    def step(self, run: _Run, loop: TrainLoop) -> None:
         self.bar.update(1)
         if not self.log_every or run.step % self.log_every:
             return
-        loss, correct, seen = (float(x) for x in jax.device_get(run.sums))
-        loss, accuracy = loss / max(seen, 1), correct / max(seen, 1)
+        loss, accuracy = _train_means(run, loop)
         if self.interactive:
-            self.bar.set_postfix(epoch=run.epoch + 1, loss=f"{loss:.4f}", acc=f"{accuracy:.4f}")
+            self.bar.set_postfix(epoch=run.epoch + 1, loss=_format(loss), acc=_format(accuracy))
             return
         elapsed = time.perf_counter() - self.start
         rate = (run.step - self.initial) / max(elapsed, 1e-9)
         eta = tqdm.format_interval((self.total - run.step) / rate) if rate else "?"
-        print(
-            f"epoch {run.epoch + 1} step {run.step}/{self.total} loss {loss:.4f} acc {accuracy:.4f}"
-            f" | {rate:.2f} step/s, elapsed {tqdm.format_interval(elapsed)}, ETA {eta}",
-            flush=True,
+        self.write(
+            f"epoch {run.epoch + 1} step {run.step}/{self.total} loss {_format(loss)} "
+            f"acc {_format(accuracy)} | {rate:.2f} step/s, elapsed "
+            f"{tqdm.format_interval(elapsed)}, ETA {eta}"
         )
 
     def write(self, line: str) -> None:
         if self.interactive:
             self.bar.write(line, file=sys.stdout)
-        else:
+        elif self.log is print:
             print(line, flush=True)
+        elif self.log is not None:
+            self.log(line)
 
     def close(self) -> None:
         self.bar.close()
+
+
+_LEGACY_CHECKPOINT = re.compile(r"epoch_\d+")
 
 
 def _checkpoints(directory: Path) -> list[Path]:
@@ -496,21 +616,26 @@ def _checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def _save_checkpoint(run: _Run, fit_: _Fit) -> None:
-    directory = fit_.workdir / "checkpoints"
-    metadata = {
-        "kind": "train_state",
-        "config": fit_.config,
-        "epoch": run.epoch,
-        "step_in_epoch": run.step_in_epoch,
-        "train_sums": [float(x) for x in jax.device_get(run.sums)],
-        "history": run.history,
-    }
-    tree = flax.serialization.to_state_dict(run.state)
-    save_pytree(directory / f"step_{run.step:09d}", tree, metadata=metadata, overwrite=True)
+def _save_checkpoint(run: _Run, loop: TrainLoop) -> None:
+    """Saves the state (process 0 writes; every process takes part) and keeps the newest
+    ``KEEP_CHECKPOINTS``."""
+    tree = flax.serialization.to_state_dict(loop.stored(run.state))
+    sums = run.settle()
+    if jax.process_index() == 0:
+        directory = loop.workdir / "checkpoints"
+        metadata = {
+            "kind": "train_state",
+            "config": loop.config,
+            "epoch": run.epoch,
+            "step_in_epoch": run.step_in_epoch,
+            "train_sums": sums.tolist(),
+            "history": run.history,
+        }
+        save_pytree(directory / f"step_{run.step:09d}", tree, metadata=metadata, overwrite=True)
+        for old in _checkpoints(directory)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old)
+    sync_processes("ifjax_train_checkpoint")
     run.saved_step = run.step
-    for old in _checkpoints(directory)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old)
 
 
 def _check_matches(path: Path, restored: Mapping[str, Any], template: Mapping[str, Any]) -> None:
@@ -555,27 +680,30 @@ def check_checkpoint_identity(
         )
 
 
-def _restore_checkpoint(path: Path, run: _Run, fit_: _Fit) -> _Run:
+def _restore_checkpoint(path: Path, run: _Run, loop: TrainLoop) -> _Run:
     tree, info = restore_pytree(path)
     check_checkpoint_identity(
         path,
         info,
-        fit_.config,
+        loop.config,
         kind="train_state",
         what="training",
         owner="run with config",
         fix="use another workdir to start a new run",
     )
-    _check_matches(path, tree, flax.serialization.to_state_dict(run.state))
-    state = flax.serialization.from_state_dict(run.state, tree)
+    template = loop.stored(run.state)
+    _check_matches(path, tree, flax.serialization.to_state_dict(template))
+    stored = flax.serialization.from_state_dict(template, tree)
+    step = int(np.asarray(stored.step).reshape(-1)[0])
     return _Run(
-        state=state,
-        step=int(state.step),
+        state=loop.restored(run.state, stored),
+        sums=np.asarray(info["train_sums"], np.float64).reshape(run.sums.shape),
+        step=step,
         epoch=info["epoch"],
         step_in_epoch=info["step_in_epoch"],
-        sums=jnp.asarray(info["train_sums"], jnp.float32),
         history=list(info["history"]),
-        saved_step=int(state.step),
+        saved_step=step,
+        restored_epochs=len(info["history"]),
     )
 
 
@@ -585,83 +713,173 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(staging, path)
 
 
+def _csv_columns(record: Mapping[str, Any]) -> list[tuple[str, str, int | None]]:
+    """(header, key, replica) per CSV column: a list-valued metric gets one per replica."""
+    columns = []
+    for key in METRIC_COLUMNS:
+        value = record[key]
+        if isinstance(value, list):
+            columns += [(f"{key}_{r}", key, r) for r in range(len(value))]
+        else:
+            columns.append((key, key, None))
+    return columns
+
+
 def _write_metrics(workdir: Path, history: list[dict[str, Any]]) -> None:
-    """Rewrites ``metrics.jsonl`` and ``metrics.csv`` from the whole history."""
+    """Rewrites ``metrics.jsonl`` and ``metrics.csv`` from the whole history (process 0)."""
+    if jax.process_index() != 0:
+        return
     _write_atomically(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-    lines = [",".join(METRIC_COLUMNS)]
-    lines += [",".join(str(record[c]) for c in METRIC_COLUMNS) for record in history]
+    columns = _csv_columns(history[0]) if history else [(c, c, None) for c in METRIC_COLUMNS]
+    cell = lambda record, key, r: str(record[key] if r is None else record[key][r])
+    lines = [",".join(header for header, _, _ in columns)]
+    lines += [",".join(cell(record, k, r) for _, k, r in columns) for record in history]
     _write_atomically(workdir / "metrics.csv", "\n".join(lines) + "\n")
 
 
-def _train_epoch(run: _Run, fit_: _Fit, progress: _Progress) -> tuple[bool, float, int]:
+def _batch_size(batch: Batch) -> int:
+    return int(np.shape(batch["label"])[-1])
+
+
+def _train_epoch(run: _Run, loop: TrainLoop, progress: _Progress) -> tuple[bool, float, int]:
     """Trains the rest of the current epoch; returns (stopped at max_steps, seconds, images)."""
     start, images = time.perf_counter(), 0
-    batches = iter(fit_.train_batches(run.epoch, run.step_in_epoch))
-    every = fit_.checkpoint_every_steps if fit_.workdir is not None else None
-    while run.step_in_epoch < fit_.steps_per_epoch:
-        if fit_.max_steps is not None and run.step >= fit_.max_steps:
-            return True, time.perf_counter() - start, images
-        batch = next(batches, None)
-        if batch is None:  # The loader's epoch is shorter than steps_per_epoch.
-            break
-        run.state, metrics = train_step(
-            run.state,
-            batch,
-            model=fit_.model,
-            optimizer=fit_.optimizer,
-            compute_dtype=fit_.compute_dtype,
-        )
-        run.sums = _accumulate(run.sums, metrics, len(batch["label"]))
-        images += len(batch["label"])
-        run.step, run.step_in_epoch = run.step + 1, run.step_in_epoch + 1
-        progress.step(run)
-        if every and run.step % every == 0 and run.step_in_epoch < fit_.steps_per_epoch:
-            _save_checkpoint(run, fit_)
-    jax.block_until_ready(run.sums)
+    batches = iter(loop.train_batches(run.epoch, run.step_in_epoch))
+    every = loop.checkpoint_every_steps if loop.workdir is not None else None
+    try:
+        while run.step_in_epoch < loop.steps_per_epoch:
+            if loop.max_steps is not None and run.step >= loop.max_steps:
+                return True, time.perf_counter() - start, images
+            batch = next(batches, None)
+            if batch is None:  # The loader's epoch is shorter than steps_per_epoch.
+                break
+            run.state, metrics = loop.step(run.state, batch)
+            run.pending.append((metrics, _batch_size(batch)))
+            images += _batch_size(batch)
+            run.step, run.step_in_epoch = run.step + 1, run.step_in_epoch + 1
+            progress.step(run, loop)
+            if every and run.step % every == 0 and run.step_in_epoch < loop.steps_per_epoch:
+                _save_checkpoint(run, loop)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    run.settle()
+    jax.block_until_ready(run.state)
     return False, time.perf_counter() - start, images
 
 
-def _finish_epoch(run: _Run, fit_: _Fit, progress: _Progress, seconds: float, images: int) -> None:
+def _finish_epoch(run: _Run, loop: TrainLoop, progress: _Progress, seconds: float, images: int):
     """Evaluates, records the epoch's metrics, writes them and checkpoints."""
-    loss_sum, correct, seen = (float(x) for x in jax.device_get(run.sums))
-    if seen == 0:
+    if not np.all(run.settle()[..., 2] > 0):
         raise ValueError(f"train_batches yielded no batch for epoch {run.epoch}")
+    train_loss, train_acc = _train_means(run, loop)
     eval_start = time.perf_counter()
-    test = evaluate(fit_.model, run.state.variables, fit_.eval_batches())
+    scores = loop.evaluate(run.state)
+    test = {key: [s[key] for s in scores] for key in ("top1", "loss")}
+    if loop.replicas is None:
+        test = {key: values[0] for key, values in test.items()}
     record = {
         "epoch": run.epoch + 1,
         "step": run.step,
-        "lr": float(fit_.schedule(run.step - run.step_in_epoch)),
-        "train_loss": loss_sum / seen,
-        "train_acc": correct / seen,
+        "lr": float(loop.schedule(run.step - run.step_in_epoch)),
+        "train_loss": train_loss,
+        "train_acc": train_acc,
         "test_top1": test["top1"],
         "test_loss": test["loss"],
         "epoch_seconds": seconds + time.perf_counter() - eval_start,
         "images_per_second": images / seconds if seconds > 0 else 0.0,
     }
     run.history.append(record)
-    run.epoch, run.step_in_epoch, run.sums = run.epoch + 1, 0, jnp.zeros(3, jnp.float32)
+    run.epoch, run.step_in_epoch, run.sums = run.epoch + 1, 0, np.zeros_like(run.sums)
     progress.write(
-        f"epoch {record['epoch']}/{fit_.epochs}: train loss {record['train_loss']:.4f} "
-        f"acc {record['train_acc']:.4f} | test top1 {record['test_top1']:.4f} "
-        f"loss {record['test_loss']:.4f} | {record['epoch_seconds']:.1f}s, "
+        f"epoch {record['epoch']}/{loop.epochs}: train loss {_format(train_loss)} "
+        f"acc {_format(train_acc)} | test top1 {_format(record['test_top1'])} "
+        f"loss {_format(record['test_loss'])} | {record['epoch_seconds']:.1f}s, "
         f"{record['images_per_second']:.0f} img/s"
     )
-    if fit_.workdir is not None:
-        _write_metrics(fit_.workdir, run.history)
-        _save_checkpoint(run, fit_)
+    if loop.workdir is not None:
+        _write_metrics(loop.workdir, run.history)
+        _save_checkpoint(run, loop)
 
 
-def _start(fit_: _Fit, run: _Run) -> _Run:
+def _resume(loop: TrainLoop, run: _Run, progress_log) -> _Run:
     """Resumes from the newest checkpoint in the workdir, if any."""
-    if fit_.workdir is None:
+    if loop.workdir is None:
         return run
-    fit_.workdir.mkdir(parents=True, exist_ok=True)
-    found = _checkpoints(fit_.workdir / "checkpoints")
+    loop.workdir.mkdir(parents=True, exist_ok=True)
+    found = _checkpoints(loop.workdir / "checkpoints")
+    legacy = [p for p in loop.workdir.iterdir() if _LEGACY_CHECKPOINT.fullmatch(p.name)]
+    if not found and legacy:
+        raise ValueError(
+            f"{loop.workdir} holds replica checkpoints of an older ifjax ({legacy[0].name}, "
+            "one per epoch), which this version does not resume; remove them to start over"
+        )
     if found:
-        run = _restore_checkpoint(found[-1], run, fit_)
-    _write_metrics(fit_.workdir, run.history)
+        run = _restore_checkpoint(found[-1], run, loop)
+        if progress_log is not None:
+            progress_log(f"resumed at step {run.step} (epoch {run.epoch + 1}) from {found[-1]}")
+    _write_metrics(loop.workdir, run.history)
     return run
+
+
+def run_loop(
+    loop: TrainLoop,
+    state: Any,
+    *,
+    log_every: int | None = 50,
+    progress_bar: bool | None = None,
+    log: Callable[[str], None] | None = print,
+) -> tuple[Any, list[dict[str, Any]], int]:
+    """Runs a :class:`TrainLoop` from ``state``, or from the newest checkpoint in its
+    workdir, to its end (or ``max_steps``), evaluating after every epoch.
+
+    A resumed run equals the uninterrupted one: batches depend only on (epoch, step),
+    the training key is folded with the step, and the running train metrics are stored
+    with the state.
+
+    Args:
+      loop: what to run.
+      state: the initial state (when resuming it gives the layout only).
+      log_every: steps between progress updates (None or 0: none).
+      progress_bar: tqdm bar (True) or plain lines (False); None: bar on a terminal.
+      log: where lines go (default ``print``; None: nowhere).
+
+    Returns:
+      ``(state, history, restored_epochs)``: the final state, one record per epoch
+      (``METRIC_COLUMNS``) and how many of the records came from a checkpoint.
+    """
+    sums = np.zeros((3,) if loop.replicas is None else (loop.replicas, 3), np.float64)
+    run = _resume(loop, _Run(state=state, sums=sums), log)
+    progress = _Progress(loop.epochs * loop.steps_per_epoch, run.step, log_every, progress_bar, log)
+    try:
+        while run.epoch < loop.epochs:
+            stopped, seconds, images = _train_epoch(run, loop, progress)
+            if stopped:
+                break
+            _finish_epoch(run, loop, progress, seconds, images)
+    finally:
+        progress.close()
+    if loop.workdir is not None and run.saved_step != run.step:
+        _save_checkpoint(run, loop)
+    return run.state, run.history, run.restored_epochs
+
+
+def optimizer_config(
+    optimizer_kind: str, steps_per_epoch: int, epochs: int, **settings: Any
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The (cached) :func:`make_optimizer` of these settings and its learning-rate schedule.
+
+    The same settings give the same optimizer object, so that the jitted steps (static in
+    the optimizer) are reused, not recompiled, by every run with those settings.
+    """
+    bound = inspect.signature(make_optimizer).bind(
+        optimizer_kind, steps_per_epoch, epochs, **settings
+    )
+    bound.apply_defaults()  # one cache entry per setting, however it was passed
+    transform = _cached_optimizer(*bound.args)
+    peak_lr = bound.arguments["peak_lr"]
+    return transform, learning_rate_schedule(optimizer_kind, steps_per_epoch, epochs, peak_lr)
 
 
 def fit(
@@ -693,7 +911,8 @@ def fit(
     run; a checkpoint of another model or configuration is refused with a ValueError.
     Per epoch, the metrics (``METRIC_COLUMNS``: ``lr`` at the epoch's first step,
     ``epoch_seconds`` training plus evaluation, ``images_per_second`` training only) go to
-    ``workdir/metrics.jsonl`` and ``workdir/metrics.csv``.
+    ``workdir/metrics.jsonl`` and ``workdir/metrics.csv``. This is :func:`run_loop` for one
+    model; :func:`train.split.train_replicas` is the same loop for k replicas.
 
     Args:
       model: the Linen model of ``variables`` (dense or pruned).
@@ -725,8 +944,6 @@ def fit(
       ...     eval_batches=test_loader, epochs=30, steps_per_epoch=391,
       ...     optimizer_kind="fast", workdir="runs/vgg11")
     """
-    if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
-        raise ValueError(f"checkpoint_every_steps must be >= 1, got {checkpoint_every_steps}")
     config = dict(
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
@@ -740,40 +957,27 @@ def fit(
     config |= {"optimizer": optimizer} if optimizer != "sgd" else {}
     config |= {"peak_lr": peak_lr} if peak_lr is not None else {}
     config |= {"compute_dtype": compute_dtype} if compute_dtype is not None else {}
-    transform = _cached_optimizer(
-        optimizer_kind,
-        steps_per_epoch,
-        epochs,
-        momentum,
-        weight_decay,
-        nesterov,
-        optimizer,
-        peak_lr,
+    transform, schedule = optimizer_config(
+        optimizer_kind, steps_per_epoch, epochs, momentum=momentum, weight_decay=weight_decay,
+        nesterov=nesterov, optimizer=optimizer, peak_lr=peak_lr,
+    )  # fmt: skip
+    step = functools.partial(
+        train_step, model=model, optimizer=transform, compute_dtype=compute_dtype
     )
-    fit_ = _Fit(
-        model=model,
-        optimizer=transform,
-        schedule=learning_rate_schedule(optimizer_kind, steps_per_epoch, epochs, peak_lr),
+    loop = TrainLoop(
+        step=step,
         train_batches=train_batches,
-        eval_batches=eval_batches,
+        evaluate=lambda state: [evaluate(model, state.variables, eval_batches())],
+        stored=to_host,
+        restored=lambda state, stored: stored,
+        schedule=schedule,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         config=config,
         workdir=None if workdir is None else Path(workdir).absolute(),
         checkpoint_every_steps=checkpoint_every_steps,
         max_steps=max_steps,
-        compute_dtype=compute_dtype,
     )
-    run = _start(fit_, _Run(state=create_train_state(model, variables, transform, seed=seed)))
-    progress = _Progress(epochs * steps_per_epoch, run.step, log_every, progress_bar)
-    try:
-        while run.epoch < epochs:
-            stopped, seconds, images = _train_epoch(run, fit_, progress)
-            if stopped:
-                break
-            _finish_epoch(run, fit_, progress, seconds, images)
-    finally:
-        progress.close()
-    if fit_.workdir is not None and run.saved_step != run.step:
-        _save_checkpoint(run, fit_)
-    return run.state.variables, run.history
+    state = create_train_state(model, variables, transform, seed=seed)
+    state, history, _ = run_loop(loop, state, log_every=log_every, progress_bar=progress_bar)
+    return state.variables, history
