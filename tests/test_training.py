@@ -1,7 +1,12 @@
 """Tests for train.training: schedules, SGD, jitted steps, evaluation, fit and resume."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -254,3 +259,47 @@ def test_progress_lines_without_a_terminal(variables, capsys):
     out = capsys.readouterr().out
     assert "step 2/4" in out and "step 4/4" in out and "ETA" in out
     assert "epoch 1/1: train loss" in out
+
+
+_KILLED_RUN = """
+import os, signal, sys
+from tests.test_training import _train_batches, _fit, MODEL
+from models.registry import init_variables
+
+kill_at = int(sys.argv[2])
+served = []
+
+def batches(epoch, start_step):
+    for batch in _train_batches(epoch, start_step):
+        if len(served) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally, no flush
+        served.append(1)
+        yield batch
+
+_fit(init_variables(MODEL, 0, (1, 8, 8, 3)), sys.argv[1], train_batches=batches,
+     checkpoint_every_steps=1)
+"""
+
+
+@pytest.mark.parametrize("kill_at", [2, 4, 9])  # inside epoch 1, at its end, in epoch 3
+def test_kill_9_at_any_step_then_the_same_command_equals_uninterrupted(
+    tmp_path, variables, reference, kill_at
+):
+    """A process killed with SIGKILL during step ``kill_at + 1``; the same run started again
+    resumes from the newest checkpoint and ends where the uninterrupted run ends."""
+    _, final, history = reference
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_RUN, str(tmp_path), str(kill_at)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    newest = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1]
+    assert newest == f"step_{kill_at:09d}"
+    resumed, resumed_history = _fit(variables, tmp_path, checkpoint_every_steps=1)
+    _assert_trees_equal(resumed, final)
+    assert _without_timing(resumed_history) == _without_timing(history)
