@@ -383,6 +383,9 @@ def train_stage(name: str, recipe: Recipe, data: Data, workdir: Path, epochs: in
 # --------------------------------------------------------------------------- data-free
 
 
+DATAFREE_MACHINES = "datafree_machines.json"  # the machine of each importance's sweep
+
+
 def datafree_stage(
     name: str, recipe: Recipe, data: Data, workdir: Path, deadline: Deadline, importances
 ) -> list[dict]:
@@ -413,9 +416,11 @@ def datafree_stage(
             paper_lamp=True,
             gradients=gradients,
             progress=False,
-            journal=workdir / "datafree.jsonl",
+            journal=workdir / f"datafree_{importance}.jsonl",
         )
         _say(f"{name}: data-free {importance} done in {time.perf_counter() - start:.1f}s")
+        machines = _read_json(workdir / DATAFREE_MACHINES) or {}
+        _write_json(workdir / DATAFREE_MACHINES, machines | {importance: machine()})
     return rows
 
 
@@ -938,23 +943,33 @@ def _results(runs: Path) -> dict[str, Any]:
                 recipe=recipe,
                 train=trained,
                 check=_read_json(root / name / "local_check.json"),
-                datafree=[dict(r) for r in _datafree_rows(root / name / "datafree.jsonl")],
+                datafree=[dict(r) for r in _datafree_rows(root / name)],
+                datafree_machines=_read_json(root / name / DATAFREE_MACHINES) or {},
                 table1=list(reproduce.read_journal(root / name / "table1.jsonl").values()),
             )
     return found
 
 
-def _datafree_rows(journal: Path) -> list[dict]:
+def _datafree_journals(workdir: Path) -> list[Path]:
+    """The data-free sweep's journals, one per importance (each importance may run on
+    another machine, whose base accuracy can differ in the last digit)."""
+    return [
+        workdir / f"datafree_{i}.jsonl"
+        for i in IMPORTANCES
+        if (workdir / f"datafree_{i}.jsonl").exists()
+    ]
+
+
+def _datafree_rows(workdir: Path) -> list[dict]:
     rows = []
-    if not journal.exists():
-        return rows
-    for line in journal.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "row" in record:
-            rows.append(record["row"])
+    for journal in _datafree_journals(workdir):
+        for line in journal.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "row" in record:
+                rows.append(record["row"])
     return rows
 
 

@@ -125,6 +125,23 @@ def _first_conv_lines(name: str, cells: Mapping[tuple, Mapping[str, Any]]) -> li
     return lines
 
 
+def _machine_name(machine: Mapping[str, Any]) -> str:
+    if machine["platform"] == "cpu":
+        return f"this CPU ({machine['cpu']}, {machine['cores']} cores, jax {machine['jax']})"
+    return f"{machine['device']} (jax {machine['jax']})"
+
+
+def _machines_line(importances: list[str], machines: Mapping[str, Any]) -> str:
+    """Which machine evaluated each importance's sweep."""
+    by_machine: dict[str, list[str]] = {}
+    for importance in importances:
+        known = machines.get(importance)
+        name = _machine_name(known) if known else "a machine not recorded"
+        by_machine.setdefault(name, []).append(importance)
+    parts = [f"{', '.join(names)} on {machine}" for machine, names in by_machine.items()]
+    return "Evaluated: " + "; ".join(parts) + "."
+
+
 def _datafree_section(name: str, result: Mapping[str, Any], reports: Path) -> list[str]:
     rows = result["datafree"]
     if not rows:
@@ -148,6 +165,8 @@ def _datafree_section(name: str, result: Mapping[str, Any], reports: Path) -> li
         "Default / Intra-Fusion exact / Intra-Fusion Sinkhorn, one group at a time, BatchNorm "
         "folded, no data used; 'lamp' scored with the released code's LAMP, as the paper's "
         f"numbers. Base model, folded, on these test images: {rows[0]['base_top1']:.2f}%.",
+        "",
+        _machines_line(importances, result.get("datafree_machines", {})),
         "",
         *reproduce._summary_lines(cells),
         "",

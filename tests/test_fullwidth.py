@@ -220,7 +220,7 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
     top1 = 100 * training.evaluate(model, variables, fullwidth.sweep.eval_batch_list(test))["top1"]
     assert top1 == pytest.approx(trained["test_top1"], abs=1e-6)
 
-    rows = fullwidth._datafree_rows(runs / "tiny" / "vgg11_bn" / "datafree.jsonl")
+    rows = fullwidth._datafree_rows(runs / "tiny" / "vgg11_bn")
     cells = {(r["importance"], r["method"]) for r in rows}
     assert cells == {(i, m) for i in fullwidth.IMPORTANCES for m in fullwidth.METHODS}
     table1 = [json.loads(line) for line in (runs / "tiny" / "vgg11_bn" / "table1.jsonl").open()]
@@ -248,12 +248,16 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
     assert all(p.exists() for p in paths)
 
     # run again: every stage finds its results and does nothing new
-    before = (device_runs / "tiny" / "vgg11_bn" / "datafree.jsonl").read_text()
+    journals = lambda: [
+        p.read_text() for p in sorted((device_runs / "tiny" / "vgg11_bn").glob("*.jsonl"))
+    ]
+    before = journals()
+    assert len(before) == len(fullwidth.IMPORTANCES) + 1  # the sweep's, one each, and Table 1
     fullwidth.run_stages(
         recipe, ["vgg11_bn"], ["train", "datafree", "table1"],
         data_path=tmp_path / "device" / "cifar10.npz", runs=device_runs,
     )  # fmt: skip
-    assert (device_runs / "tiny" / "vgg11_bn" / "datafree.jsonl").read_text() == before
+    assert journals() == before
 
 
 def test_deadline_leaves_work_for_the_next_run(fullwidth):
