@@ -354,7 +354,7 @@ def test_datafree_recalibrates_every_pruned_model(capsys, checkpoint, tmp_path, 
     batches = jobs.recalibration_batches("cifar10", 40, seed=2)
     pruned = ifjax.recalibrate_batchnorm(model, pruned, batches)
     test_set = jobs.load_split("cifar10", "test")
-    logits = model.apply(pruned, data_lib.normalize(test_set.images), train=False)
+    logits = np.asarray(model.apply(pruned, data_lib.normalize(test_set.images), train=False))
     expected = 100 * np.mean(np.argmax(logits, -1) == test_set.labels)
     assert float(row["top1"]) == pytest.approx(expected, abs=1e-4)
     line = _error(capsys, argv + ["--out", str(tmp_path / "o"), "--recalibrate", "101"])

@@ -17,7 +17,10 @@ starts over) and run on several hosts with ``--distributed`` (``docs/multihost.m
 Bad arguments (an unknown model, a sparsity outside [0, 1), an unknown group, a missing
 checkpoint, ...) end with one line ``ifjax: error: ...`` and exit status 2. JAX's
 persistent compilation cache is on (``~/.cache/ifjax/jax``; ``--compilation-cache DIR``
-or ``off``, or ``$IFJAX_COMPILATION_CACHE``). The work itself is in :mod:`train.jobs`.
+or ``off``, or ``$IFJAX_COMPILATION_CACHE``). The work itself is in :mod:`train.jobs`
+and :mod:`train.pipelines`; every command's arguments are generated
+(:mod:`train.options`) from its options dataclass (:mod:`train.commands`,
+:class:`train.pipelines.FapOptions`, ...), which holds their defaults, help and checks.
 """
 
 from __future__ import annotations

@@ -312,7 +312,8 @@ def _read_journal(path: str | os.PathLike, settings: Mapping[str, Any]) -> dict[
             if number == len(lines):
                 continue  # a line cut short by an interruption: that cell runs again
             raise ValueError(f"sweep journal {path} line {number} is corrupt: {error}") from None
-        differing = sorted(k for k in settings if recorded.get(k) != settings[k])
+        keys = set(settings) | set(recorded)
+        differing = sorted(k for k in keys if recorded.get(k) != settings.get(k))
         if differing:
             raise ValueError(
                 f"sweep journal {path} was written with other settings or another model "
