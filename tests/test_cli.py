@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 from pathlib import Path
 
 import jax
@@ -13,7 +14,7 @@ import ifjax
 from ifjax.checkpoint import save_model
 from models.registry import create_model, init_variables, model_spec
 from tests.tree_asserts import assert_trees_equal
-from train import cli, jobs, pipelines
+from train import cli, commands, jobs, pipelines
 from train import data as data_lib
 
 OFF = ["--compilation-cache", "off"]
@@ -361,3 +362,25 @@ def test_datafree_recalibrates_every_pruned_model(capsys, checkpoint, tmp_path, 
     assert line.endswith(
         "recalibrate must be in [1, 100] (the training images of cifar10), got 101"
     )
+
+
+@pytest.mark.parametrize(
+    "options, job",
+    [
+        (commands.TrainOptions(model="vgg11_bn", workdir="w"), jobs.train),
+        (commands.EvalOptions(checkpoint="c"), jobs.evaluate_checkpoint),
+        (commands.PruneOptions(checkpoint="c", out="o", sparsity=0.5), jobs.prune_checkpoint),
+        (commands.FinetuneOptions(checkpoint="c", workdir="w"), jobs.finetune),
+        (commands.DatafreeOptions(checkpoint="c", out="o"), jobs.datafree),
+    ],
+)
+def test_command_options_are_their_jobs_arguments_with_its_defaults(options, job):
+    """Each command's dataclass holds its job's keyword arguments, defaults included."""
+    parameters = inspect.signature(job).parameters
+    arguments = options.arguments()
+    assert set(arguments) <= set(parameters)
+    assert set(parameters) - set(arguments) <= {"progress"}
+    for name, value in arguments.items():
+        default = parameters[name].default
+        if default is not inspect.Parameter.empty and name != "options":
+            assert value == default or tuple(value) == tuple(default), name
