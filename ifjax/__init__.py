@@ -19,7 +19,16 @@ from ifjax._graph import (
     Writer,
     discover_groups,
 )
-from ifjax._importance import IMPORTANCES, accumulate_gradients, group_importance, lamp_transform
+from ifjax._importance import (
+    IMPORTANCES,
+    PAPER_IMPORTANCES,
+    TAYLOR_BATCH_SIZE,
+    TAYLOR_BATCHES,
+    accumulate_gradients,
+    group_importance,
+    lamp_transform,
+    paper_scoring,
+)
 from ifjax._merge import merge_group
 from ifjax._model import model_for, variables_of
 from ifjax._prune import (
@@ -54,6 +63,9 @@ __all__ = [
     "GROUP_KINDS",
     "HEAD_MERGES",
     "IMPORTANCES",
+    "PAPER_IMPORTANCES",
+    "TAYLOR_BATCHES",
+    "TAYLOR_BATCH_SIZE",
     "BatchNormRef",
     "ExactSolver",
     "GraphError",
@@ -88,6 +100,7 @@ __all__ = [
     "merge_group",
     "model_for",
     "normalize_rows",
+    "paper_scoring",
     "prune",
     "recalibrate_batchnorm",
     "register_width_rule",

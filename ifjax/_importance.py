@@ -19,9 +19,40 @@ from ifjax._graph import Group, resolve_segments
 from ifjax._model import as_variables, view_and_input
 from ifjax._tree import tree_get
 
-__all__ = ["IMPORTANCES", "accumulate_gradients", "group_importance", "lamp_transform"]
+__all__ = [
+    "IMPORTANCES",
+    "PAPER_IMPORTANCES",
+    "TAYLOR_BATCHES",
+    "TAYLOR_BATCH_SIZE",
+    "accumulate_gradients",
+    "group_importance",
+    "lamp_transform",
+    "paper_scoring",
+]
 
 IMPORTANCES = ("l1", "l2", "lamp", "lamp_released", "taylor", "random")
+# The importance behind each of the paper's names for its numbers: the paper's "lamp"
+# numbers come from the released code's scrambled LAMP ("lamp_released").
+PAPER_IMPORTANCES = {"l1": "l1", "taylor": "taylor", "lamp": "lamp_released"}
+# The reference's taylor: loss gradients summed over this many batches of this many
+# (shuffled, augmented) training images (see accumulate_gradients).
+TAYLOR_BATCHES = 5
+TAYLOR_BATCH_SIZE = 128
+
+
+def paper_scoring(importance: str) -> str:
+    """The importance that scores ``importance`` as the paper's numbers were scored.
+
+    Only "lamp" differs: the paper's LAMP numbers come from the released code's
+    scrambled LAMP, ``"lamp_released"``; every other name scores itself.
+
+    Example:
+      >>> paper_scoring("lamp"), paper_scoring("l1")
+      ('lamp_released', 'l1')
+    """
+    if importance not in IMPORTANCES:
+        raise ValueError(f"unknown importance {importance!r}; choose from {IMPORTANCES}")
+    return PAPER_IMPORTANCES.get(importance, importance)
 
 
 def _per_layer(variables, group, n, row_score, include_flattened: bool) -> list[jnp.ndarray]:
@@ -129,7 +160,8 @@ def accumulate_gradients(
     Args:
       model: Flax Linen module, or NNX module.
       *args: the Linen module's variables (folded, as in the reference), then
-        ``batches``: an iterable of ``(images, integer labels)``; the reference uses 5.
+        ``batches``: an iterable of ``(images, integer labels)``; the reference uses
+        ``TAYLOR_BATCHES`` (5) of ``TAYLOR_BATCH_SIZE`` (128).
       loss_fn: ``loss_fn(logits, labels) -> scalar``; default mean cross-entropy.
       apply_kwargs: Linen: extra ``model.apply`` arguments.
       call_kwargs: NNX: extra call arguments.

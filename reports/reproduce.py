@@ -38,6 +38,13 @@ import numpy as np  # noqa: E402
 
 import ifjax  # noqa: E402
 from train import jobs, paper, sweep  # noqa: E402
+from train.commands import (  # noqa: E402
+    DatafreeOptions,
+    EvalOptions,
+    FinetuneOptions,
+    PruneOptions,
+    TrainOptions,
+)
 
 REPORTS = ROOT / "reports"
 RUNS = ROOT / "runs" / "reports"
@@ -143,7 +150,7 @@ def _command(step: str, model: str | None = None) -> str:
 def base_model(model: str) -> dict[str, Any]:
     """Trains (or resumes, or finds finished) the report's base model of ``model``."""
     config = SETTINGS[model]
-    result = jobs.train(
+    options = TrainOptions(
         model=model,
         dataset="cifar10",
         workdir=_workdir(model),
@@ -153,6 +160,7 @@ def base_model(model: str) -> dict[str, Any]:
         train_subset=config.get("train_subset"),
         **{k: config[k] for k in ("optimizer", "peak_lr", "weight_decay") if k in config},
     )
+    result = jobs.train(**options.arguments())
     if not result["finished"]:
         raise RuntimeError(f"training of {model} stopped before the end; run again to resume")
     return result
@@ -201,14 +209,15 @@ def datafree(model: str) -> Path:
     trained = base_model(model)
     config = SETTINGS[model]
     start = time.perf_counter()
-    result = jobs.datafree(
-        trained["checkpoint"],
-        _workdir(model) / "datafree",
+    options = DatafreeOptions(
+        checkpoint=trained["checkpoint"],
+        out=_workdir(model) / "datafree",
         sparsities=SPARSITIES,
         importances=IMPORTANCES,
         methods=config.get("methods", METHODS),
         test_subset=config["test_subset"],
     )
+    result = jobs.datafree(**options.arguments())
     seconds = time.perf_counter() - start
     rows = result["rows"]
     data_dir = REPORTS / "data"
@@ -601,25 +610,26 @@ def _prune_and_finetune(model, trained, method: str, sparsity: float, epochs: in
         return json.loads(summary_path.read_text())
     start = time.perf_counter()
     if not (pruned / "ifjax_checkpoint.json").exists():
-        jobs.prune_checkpoint(
-            trained["checkpoint"],
-            pruned,
+        prune = PruneOptions(
+            checkpoint=trained["checkpoint"],
+            out=pruned,
             sparsity=sparsity,
             method=method,
             importance="l1",
             overwrite=True,
         )
+        jobs.prune_checkpoint(**prune.arguments())
     prune_seconds = time.perf_counter() - start
-    after_pruning = jobs.evaluate_checkpoint(pruned, test_subset=SETTINGS[model]["test_subset"])[
-        "top1"
-    ]
+    evaluation = EvalOptions(checkpoint=pruned, test_subset=SETTINGS[model]["test_subset"])
+    after_pruning = jobs.evaluate_checkpoint(**evaluation.arguments())["top1"]
     start = time.perf_counter()
-    tuned = jobs.finetune(
-        pruned,
+    finetune = FinetuneOptions(
+        checkpoint=pruned,
         workdir=run / "finetune",
         epochs=epochs,
         train_subset=SETTINGS[model].get("train_subset"),
     )
+    tuned = jobs.finetune(**finetune.arguments())
     if not tuned["finished"]:
         raise RuntimeError(f"fine-tuning {run} stopped before the end; run again to resume")
     restored = jobs.restore(pruned)

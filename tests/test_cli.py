@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import inspect
 from pathlib import Path
 
 import jax
@@ -12,7 +14,7 @@ import ifjax
 from ifjax.checkpoint import save_model
 from models.registry import create_model, init_variables, model_spec
 from tests.tree_asserts import assert_trees_equal
-from train import cli, jobs, pipelines
+from train import cli, commands, jobs, pipelines
 from train import data as data_lib
 
 OFF = ["--compilation-cache", "off"]
@@ -317,3 +319,68 @@ def test_prune_options_equal_the_library_given_the_same(capsys, checkpoint, tmp_
     assert jax.tree.structure(plain) != jax.tree.structure(pruned.variables) or any(
         np.shape(a) != np.shape(b) or not np.allclose(a, b) for a, b in leaves
     )
+
+
+def test_split_pipelines_take_recalibrate(calls, capsys):
+    assert cli.main(OFF + ["fap", "--workdir", "w", "--recalibrate", "200"]) == 0
+    assert calls[0][1]["recalibrate"] == 200
+    assert cli.main(OFF + ["paf", "--workdir", "w"]) == 0
+    assert calls[1][1]["recalibrate"] == 0
+    assert "non-negative integer" in _error(
+        capsys, ["paf", "--workdir", "w", "--recalibrate", "-1"]
+    )
+
+
+def test_datafree_recalibrates_every_pruned_model(capsys, checkpoint, tmp_path, monkeypatch):
+    """``datafree --recalibrate 40``: the cell is the physically pruned model with its
+    BatchNorm re-estimated on 40 random training images; the CSV records it."""
+    from tests.fake_data import write_cifar_zip
+
+    zip_path = write_cifar_zip(tmp_path / "cifar10-jpeg.zip", per_class=10)
+    monkeypatch.setenv("IFJAX_CIFAR10_ZIP", str(zip_path))
+    argv = ["datafree", "--checkpoint", str(checkpoint), "--groups", "0", "--sparsities", "0.5"]
+    argv += ["--importances", "l1", "--methods", "default", "--seed", "2"]
+    assert cli.main(OFF + argv + ["--out", str(tmp_path / "re"), "--recalibrate", "40"]) == 0
+    (row,) = list(csv.DictReader(open(tmp_path / "re" / "datafree.csv")))
+    assert row["recalibrate"] == "40"
+    restored = jobs.restore(checkpoint)
+    model, pruned, _ = ifjax.prune(
+        restored.model,
+        restored.variables,
+        [0],
+        sparsity=0.5,
+        method="default",
+        example_input=restored.example_input,
+    )
+    batches = jobs.recalibration_batches("cifar10", 40, seed=2)
+    pruned = ifjax.recalibrate_batchnorm(model, pruned, batches)
+    test_set = jobs.load_split("cifar10", "test")
+    logits = np.asarray(model.apply(pruned, data_lib.normalize(test_set.images), train=False))
+    expected = 100 * np.mean(np.argmax(logits, -1) == test_set.labels)
+    assert float(row["top1"]) == pytest.approx(expected, abs=1e-4)
+    line = _error(capsys, argv + ["--out", str(tmp_path / "o"), "--recalibrate", "101"])
+    assert line.endswith(
+        "recalibrate must be in [1, 100] (the training images of cifar10), got 101"
+    )
+
+
+@pytest.mark.parametrize(
+    "options, job",
+    [
+        (commands.TrainOptions(model="vgg11_bn", workdir="w"), jobs.train),
+        (commands.EvalOptions(checkpoint="c"), jobs.evaluate_checkpoint),
+        (commands.PruneOptions(checkpoint="c", out="o", sparsity=0.5), jobs.prune_checkpoint),
+        (commands.FinetuneOptions(checkpoint="c", workdir="w"), jobs.finetune),
+        (commands.DatafreeOptions(checkpoint="c", out="o"), jobs.datafree),
+    ],
+)
+def test_command_options_are_their_jobs_arguments_with_its_defaults(options, job):
+    """Each command's dataclass holds its job's keyword arguments, defaults included."""
+    parameters = inspect.signature(job).parameters
+    arguments = options.arguments()
+    assert set(arguments) <= set(parameters)
+    assert set(parameters) - set(arguments) <= {"progress"}
+    for name, value in arguments.items():
+        default = parameters[name].default
+        if default is not inspect.Parameter.empty and name != "options":
+            assert value == default or tuple(value) == tuple(default), name

@@ -165,3 +165,12 @@ def test_lamp_by_hand_on_unfolded_variables(tiny_vgg, index):
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert np.argmax(got) == np.argmax(mean)  # the largest channel scores 1
     np.testing.assert_allclose(got.max(), 1.0, rtol=1e-6)
+
+
+def test_paper_scoring_scores_lamp_as_the_released_code():
+    assert ifjax.paper_scoring("lamp") == "lamp_released"
+    assert [ifjax.paper_scoring(name) for name in ("l1", "taylor", "l2")] == ["l1", "taylor", "l2"]
+    assert ifjax.PAPER_IMPORTANCES["lamp"] == "lamp_released"
+    assert (ifjax.TAYLOR_BATCHES, ifjax.TAYLOR_BATCH_SIZE) == (5, 128)
+    with pytest.raises(ValueError, match="unknown importance 'l3'"):
+        ifjax.paper_scoring("l3")

@@ -23,7 +23,7 @@ import train.training
 from ifjax.checkpoint import restore_model, restore_pytree
 from models import VGG
 from tests.tree_asserts import assert_trees_equal
-from train.data import ArrayDataset
+from train.data import ArrayDataset, normalize
 from train.pipelines import (
     REPORT_COLUMNS,
     FapOptions,
@@ -428,3 +428,46 @@ def test_fap_on_two_processes_resumes(tmp_path):
         assert result(out) == dict(expected, epochs=1)
     model = lambda name: restore_model(tmp_path / name / "model")[0]
     assert_trees_equal(model("resumed"), model("whole"))
+
+
+def test_recalibrate_reestimates_batchnorm_after_fusion_and_every_pruning_step(
+    data, fap_run, tmp_path, monkeypatch
+):
+    """FaP with ``recalibrate=40``: the fused model (the plain run's, same seed) and every
+    pruned model get BatchNorm statistics of the same 40 random training images before
+    they are evaluated or fine-tuned; the setting is recorded, and a rerun without it in
+    the same workdir is refused."""
+    seen = []
+    recalibrate = ifjax.recalibrate_batchnorm
+
+    def spy(model, variables, batches):
+        seen.append((model.cfg, variables, batches))
+        return recalibrate(model, variables, batches)
+
+    monkeypatch.setattr(ifjax, "recalibrate_batchnorm", spy)
+    result = fap(MODEL, data, workdir=tmp_path, **dict(FAP, recalibrate=40))
+    assert [cfg for cfg, _, _ in seen] == [(8, "M", 16, "M"), (6, "M", 12, "M"), (4, "M", 8, "M")]
+    chosen = np.sort(np.random.default_rng(0).permutation(len(data[0]))[:40])
+    for _, _, batches in seen:
+        assert len(batches) == 1
+        np.testing.assert_array_equal(batches[0]["image"], normalize(data[0].images[chosen]))
+    plain_workdir, plain = fap_run
+    fused = restore_pytree(plain_workdir / "stages" / "fap" / "01_fuse" / "output")[0]
+    assert_trees_equal(seen[0][1], fused["replica_0"])
+    ours = restore_pytree(tmp_path / "stages" / "fap" / "01_fuse" / "output")[0]["replica_0"]
+    expected = recalibrate(MODEL, fused["replica_0"], seen[0][2])
+    assert_trees_equal(ours, expected)
+    assert not np.allclose(
+        ours["batch_stats"]["bn0"]["mean"], fused["replica_0"]["batch_stats"]["bn0"]["mean"]
+    )
+    assert result.report["config"]["recalibrate"] == 40
+    assert "recalibrate" not in plain.report["config"]
+    with pytest.raises(ValueError, match="differing keys: recalibrate"):
+        fap(MODEL, data, workdir=tmp_path, **FAP)
+
+
+def test_recalibrate_is_checked_against_the_training_set(data):
+    with pytest.raises(ValueError, match="recalibrate asks for 129 training images; the "):
+        paf(MODEL, data, **dict(PAF, recalibrate=129))
+    with pytest.raises(ValueError, match="recalibrate must be a non-negative integer, got -1"):
+        PipelineOptions(recalibrate=-1)

@@ -335,3 +335,37 @@ def test_papers_table_1_is_read_from_the_shared_csv(monkeypatch):
     assert paper.paper_finetuned("vgg11_bn", "svhn") is None
     monkeypatch.setenv("IFJAX_PAPER_DIR", "")
     assert paper.paper_finetuned("vgg11_bn", "cifar10") is None
+
+
+def test_recalibration_reestimates_every_pruned_models_batchnorm(base, tmp_path):
+    """With training batches, every cell is the physically pruned model with BatchNorm
+    recalibrated on them (computed here through ifjax alone); the rows and the CSV
+    record the image count, and the journal refuses a sweep without it."""
+    variables, test_set, batches = base
+    images = np.random.default_rng(5).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    train_set = data.ArrayDataset(images, np.zeros(40, np.int32), 10, "toy", "train")
+    training_batches = list(data.batches(train_set, 16, shuffle=False, augment=False))
+    kwargs = dict(example_input=EXAMPLE, sparsities=(0.5,), progress=False)
+    journal = tmp_path / "sweep.jsonl"
+    plain = sweep.datafree_sweep(MODEL, variables, batches, **kwargs)
+    recalibrated = sweep.datafree_sweep(
+        MODEL, variables, batches, recalibration_batches=training_batches, journal=journal, **kwargs
+    )
+    assert [r["recalibrate"] for r in plain] == [0] * 4
+    assert [r["recalibrate"] for r in recalibrated] == [40] * 4
+    for row in recalibrated:
+        pruned_model, pruned, _ = ifjax.prune(
+            MODEL,
+            variables,
+            row["group"],
+            sparsity=0.5,
+            method=row["method"],
+            example_input=EXAMPLE,
+        )
+        pruned = ifjax.recalibrate_batchnorm(pruned_model, pruned, training_batches)
+        assert row["top1"] == _top1_by_hand(pruned_model, pruned, test_set), row
+    assert [r["top1"] for r in recalibrated] != [r["top1"] for r in plain]
+    path = sweep.write_csv(recalibrated, tmp_path / "rows.csv")
+    assert [r["recalibrate"] for r in csv.DictReader(open(path))] == ["40"] * 4
+    with pytest.raises(ValueError, match="differing: recalibrate"):
+        sweep.datafree_sweep(MODEL, variables, batches, journal=journal, **kwargs)

@@ -39,6 +39,7 @@ __all__ = [
     "finetune",
     "load_split",
     "prune_checkpoint",
+    "recalibration_batches",
     "restore",
     "train",
 ]
@@ -101,11 +102,39 @@ def load_split(
     random (:func:`train.data.random_subset`), never taken from the front.
     """
     loaded = data_lib.load_dataset(dataset, split, data_dir=data_dir, zip_path=zip_path)
+    return _random_subset(loaded, subset, seed, dataset)
+
+
+def _random_subset(loaded: data_lib.Dataset, subset: int | None, seed: int, name: str):
     if subset is None or subset >= len(loaded):
         return loaded
     if not isinstance(loaded, data_lib.ArrayDataset):
-        raise ValueError(f"subsets of {dataset} (not held in memory) are not supported")
+        raise ValueError(f"subsets of {name} (not held in memory) are not supported")
     return data_lib.random_subset(loaded, subset, seed=seed)
+
+
+def recalibration_batches(
+    dataset: str,
+    images: int,
+    *,
+    data_dir: str | None = None,
+    zip_path: str | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """``images`` training images of ``dataset`` (a random subset drawn with ``seed``) in
+    batches of 128, without augmentation: what :func:`ifjax.recalibrate_batchnorm` runs on.
+
+    Raises:
+      ValueError: ``images`` is not in [1, the number of training images].
+    """
+    train_set = load_split(dataset, "train", data_dir=data_dir, zip_path=zip_path)
+    if not 0 < images <= len(train_set):
+        raise ValueError(
+            f"recalibrate must be in [1, {len(train_set)}] (the training images of "
+            f"{dataset}), got {images}"
+        )
+    subset = _random_subset(train_set, images, seed, dataset)
+    return list(data_lib.batches(subset, 128, shuffle=False, augment=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,11 +383,10 @@ def prune_checkpoint(
         **options,
     )
     if recalibrate:
-        train_set = load_split(
-            name, "train", data_dir=data_dir, zip_path=zip_path, subset=recalibrate, seed=seed
+        batches = recalibration_batches(
+            name, recalibrate, data_dir=data_dir, zip_path=zip_path, seed=seed
         )
-        batches = data_lib.batches(train_set, 128, shuffle=False, augment=False)
-        pruned = ifjax.recalibrate_batchnorm(pruned_model, pruned, list(batches))
+        pruned = ifjax.recalibrate_batchnorm(pruned_model, pruned, batches)
     step = dict(operation="prune", method=method, groups=indices, sparsity=sparsity)
     step |= dict(importance=importance, seed=seed, source=str(Path(checkpoint).absolute()))
     step |= {"recalibrate": recalibrate} if recalibrate else {}
@@ -452,6 +480,7 @@ def datafree(
     data_dir: str | None = None,
     zip_path: str | None = None,
     test_subset: int | None = None,
+    recalibrate: int = 0,
     seed: int = 0,
     progress: bool = True,
     resume: bool = True,
@@ -459,7 +488,10 @@ def datafree(
     """The paper's data-free tables for a checkpoint (see :mod:`train.sweep`).
 
     ``paper_lamp=None`` scores "lamp" as the paper did (``lamp_released``) exactly when
-    the paper's numbers for this model and dataset are available.
+    the paper's numbers for this model and dataset are available. ``recalibrate``:
+    re-estimate every pruned model's BatchNorm statistics on that many training images
+    (:func:`recalibration_batches`) before evaluating it; 0 (the default) stays
+    data-free, as the paper.
 
     Writes ``out/datafree.csv``, ``out/datafree.md``, ``out/datafree.png`` (and
     ``out/datafree_gain.png`` next to the paper's gains). Finished cells go to the
@@ -482,6 +514,13 @@ def datafree(
         )
         folded = ifjax.fold_batchnorm(restored.variables, all_groups)
         gradients = _taylor(restored, folded, name, data_dir, zip_path, seed)
+    if recalibrate < 0:
+        raise ValueError(f"recalibrate is a number of images >= 0, got {recalibrate}")
+    recalibration = None
+    if recalibrate:
+        recalibration = recalibration_batches(
+            name, recalibrate, data_dir=data_dir, zip_path=zip_path, seed=seed
+        )
     journal = Path(out) / "datafree.jsonl"
     if not resume:
         journal.unlink(missing_ok=True)
@@ -498,6 +537,7 @@ def datafree(
         epsilon=epsilon,
         paper_lamp=paper_lamp,
         gradients=gradients,
+        recalibration_batches=recalibration,
         seed=seed,
         progress=progress,
         journal=journal,

@@ -56,6 +56,14 @@ from ifjax import fuse
 from ifjax.checkpoint import save_model
 from models.registry import create_model, init_variables, model_spec
 from train.data import Dataset, batches, load_dataset
+from train.options import (
+    NONNEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    SPARSITY,
+    Options,
+    option,
+)
 from train.split import (
     IndexedDataset,
     evaluate_replicas,
@@ -69,6 +77,7 @@ from train.split import (
     train_replicas,
 )
 from train.stages import StageStore
+from train.training import SCHEDULES
 
 __all__ = [
     "REPORT_COLUMNS",
@@ -115,8 +124,11 @@ class PipelineResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class SplitOptions:
+class SplitOptions(Options):
     """The options of :func:`split_train`, shared by :func:`fap` and :func:`paf`.
+
+    Each field's help, choices and check are in its :func:`train.options.option`; the
+    ``ifjax split-train`` command line is generated from them.
 
     Attributes:
       width_multiplier: scales the named model's widths.
@@ -141,29 +153,39 @@ class SplitOptions:
       log: progress lines (None: silent); with several processes only process 0 logs.
     """
 
-    width_multiplier: float = 1.0
-    k: int = 2
-    kfold: bool = False
-    epochs: int = 300
-    batch_size: int = 128
-    optimizer_kind: str = "base"
-    augment: bool = True
-    num_devices: int | None = None
-    steps_per_epoch: int | None = None
-    train_examples: int | None = None
-    test_examples: int | None = None
-    data_dir: str | os.PathLike | None = None
-    workdir: str | os.PathLike | None = None
-    overwrite: bool = False
-    seed: int = 0
-    fair_timing: bool = True
-    log: Callable[[str], None] | None = print
-
-    def settings(self) -> dict[str, Any]:
-        """The options that describe the run (not where it goes or how it logs)."""
-        skip = ("workdir", "overwrite", "log")
-        fields = dataclasses.fields(self)
-        return {f.name: getattr(self, f.name) for f in fields if f.name not in skip}
+    width_multiplier: float = option(1.0, check=POSITIVE_FLOAT)
+    k: int = option(2, check=POSITIVE_INT, help="number of disjoint splits")
+    kfold: bool = option(False, help="train the C(k, k/2) k-fold sets")
+    epochs: int = option(300, check=POSITIVE_INT, help="replica training epochs")
+    batch_size: int = option(128, check=POSITIVE_INT)
+    optimizer_kind: str = option("base", flag="--schedule", choices=SCHEDULES)
+    augment: bool = option(True, command_line=False)
+    num_devices: int | None = option(None, check=POSITIVE_INT, help="devices for the replica axis")
+    steps_per_epoch: int | None = option(None, check=POSITIVE_INT, help="cap (quick runs)")
+    train_examples: int | None = option(
+        None, flag="--train-subset", check=POSITIVE_INT, help="random subset of training images"
+    )
+    test_examples: int | None = option(
+        None, flag="--test-subset", check=POSITIVE_INT, help="random subset of test images"
+    )
+    data_dir: str | os.PathLike | None = option(
+        None, help="tfds data dir (default $IFJAX_DATA_DIR, ...)"
+    )
+    workdir: str | os.PathLike | None = option(
+        None,
+        required=True,
+        recorded="never",
+        help="report.{json,csv,md}, models and finished stages",
+    )
+    overwrite: bool = option(
+        False,
+        recorded="never",
+        help="start over in a workdir that holds a run with other settings (default: "
+        "resume a run with the same settings, refuse other settings)",
+    )
+    seed: int = option(0)
+    fair_timing: bool = option(True, command_line=False)
+    log: Callable[[str], None] | None = option(print, command_line=False, recorded="never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,24 +205,31 @@ class PipelineOptions(SplitOptions):
       fusion_solver: ``"exact"`` or ``"sinkhorn"``.
       fusion_samples: training images the activations are recorded on (the paper: 200).
       finetune_kind: learning-rate schedule of every fine-tuning.
+      recalibrate: re-estimate BatchNorm statistics (:func:`ifjax.recalibrate_batchnorm`)
+        on that many training images (a random subset drawn with ``seed``) after every
+        pruning step, before its fine-tuning, and after fusion; 0: never (recorded in
+        the settings only when set).
     """
 
-    sparsity: float = 0.6
-    prune_steps: int = 4
-    epochs_per_step: int = 10
-    finetune_epochs: int = 80
-    baseline: bool = True
-    baseline_finetune_epochs: int | None = None
-    importance: str = "l1"
-    fusion_method: str = "activation"
-    fusion_solver: str = "exact"
-    fusion_samples: int = 200
-    finetune_kind: str = "finetune"
-
-    def __post_init__(self) -> None:
-        ifjax.keep_count(1_000_000, self.sparsity)  # raises on a bad sparsity
-        if self.prune_steps < 1:
-            raise ValueError(f"prune_steps must be >= 1, got {self.prune_steps}")
+    sparsity: float = option(0.6, check=SPARSITY, help="final, all groups")
+    prune_steps: int = option(4, check=POSITIVE_INT)
+    epochs_per_step: int = option(10, check=POSITIVE_INT)
+    finetune_epochs: int = option(80, check=POSITIVE_INT)
+    baseline: bool = option(True, flag="--no-baseline", help="skip the whole-data model")
+    baseline_finetune_epochs: int | None = option(None, check=NONNEGATIVE_INT, command_line=False)
+    importance: str = option("l1", choices=ifjax.IMPORTANCES)
+    fusion_method: str = option("activation", choices=ifjax.FUSION_METHODS)
+    fusion_solver: str = option("exact", choices=("exact", "sinkhorn"))
+    fusion_samples: int = option(200, check=POSITIVE_INT, command_line=False)
+    finetune_kind: str = option("finetune", choices=SCHEDULES, command_line=False)
+    recalibrate: int = option(
+        0,
+        check=NONNEGATIVE_INT,
+        metavar="N",
+        recorded="when_set",
+        help="re-estimate BatchNorm statistics on N training images after every pruning "
+        "step and after fusion (0: no)",
+    )
 
     def resolved(self) -> PipelineOptions:
         """A copy with the defaults that depend on other options filled in."""
@@ -218,7 +247,7 @@ class FapOptions(PipelineOptions):
         ``epochs_per_step``).
     """
 
-    fusion_finetune_epochs: int | None = None
+    fusion_finetune_epochs: int | None = option(None, check=NONNEGATIVE_INT, command_line=False)
 
     def resolved(self) -> FapOptions:
         """A copy with the defaults that depend on other options filled in."""
@@ -477,7 +506,7 @@ def _iterative_prune(ctx: _Context, pipeline: str, model, variables_list):
             model = pruned[0][0]
             tuned = ctx.fit(
                 model,
-                [v for _, v in pruned],
+                _recalibrated(ctx, model, [v for _, v in pruned]),
                 [ctx.train] * len(pruned),
                 opts.epochs_per_step,
                 opts.finetune_kind,
@@ -487,6 +516,18 @@ def _iterative_prune(ctx: _Context, pipeline: str, model, variables_list):
 
         model, variables_list = ctx.stage(pipeline, f"prune_step_{step}", run)
     return model, variables_list
+
+
+def _recalibrated(ctx: _Context, model, variables_list) -> list[Any]:
+    """Every model's BatchNorm statistics re-estimated on ``recalibrate`` training images
+    (a random subset drawn with the seed, batches of 128, no augmentation); unchanged
+    when ``recalibrate`` is 0."""
+    images = ctx.options.recalibrate
+    if not images:
+        return list(variables_list)
+    subset = _subset(ctx.train, images, ctx.options.seed)
+    batch_list = list(batches(subset, 128, shuffle=False, augment=False, num_threads=0))
+    return [ifjax.recalibrate_batchnorm(model, v, batch_list) for v in variables_list]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -525,7 +566,7 @@ def _fuse_stage(ctx: _Context, pipeline: str, model, variables_list):
             method=opts.fusion_method,
             solver=opts.fusion_solver,
         )
-        return model, [fused]
+        return model, _recalibrated(ctx, model, [fused])
 
     return ctx.stage(pipeline, "fuse", run)
 
@@ -658,6 +699,11 @@ def _datasets(dataset, opts: SplitOptions) -> tuple[Dataset, Dataset]:
 def _start(pipeline: str, model_name, dataset, opts: SplitOptions) -> tuple[nn.Module, _Context]:
     """Builds the model and the context, and opens (or checks) the workdir's stages."""
     train, test = _datasets(dataset, opts)
+    if getattr(opts, "recalibrate", 0) > len(train):
+        raise ValueError(
+            f"recalibrate asks for {opts.recalibrate} training images; the training set "
+            f"has {len(train)}"
+        )
     if isinstance(model_name, nn.Module):
         if opts.width_multiplier != 1.0:
             raise ValueError("width_multiplier applies to a model name, not a model instance")

@@ -92,16 +92,14 @@ METHOD_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 }
 _PAIR = {"default", "intra_fusion"}
 # ifjax importance -> the paper's name for the numbers it produced.
-_PAPER_IMPORTANCE = {"l1": "l1", "taylor": "taylor", "lamp_released": "lamp"}
-TAYLOR_BATCHES = 5
-TAYLOR_BATCH_SIZE = 128
+_PAPER_NAMES = {scoring: name for name, scoring in ifjax.PAPER_IMPORTANCES.items()}
 
 
 def scoring_importance(importance: str, paper_lamp: bool) -> str:
-    """The ifjax importance that scores a requested one ("lamp" -> "lamp_released")."""
-    if importance not in ifjax.IMPORTANCES:
-        raise ValueError(f"unknown importance {importance!r}; choose from {ifjax.IMPORTANCES}")
-    return "lamp_released" if paper_lamp and importance == "lamp" else importance
+    """The ifjax importance that scores a requested one: with ``paper_lamp``, the paper's
+    (:func:`ifjax.paper_scoring`: "lamp" -> "lamp_released"), else itself."""
+    scoring = ifjax.paper_scoring(importance)  # raises on an unknown importance
+    return scoring if paper_lamp else importance
 
 
 def select_groups(
@@ -135,15 +133,16 @@ def eval_batch_list(dataset: data_lib.Dataset, batch_size: int = 500) -> list[di
 def taylor_gradients(
     model: Any, folded: Mapping[str, Any], train_set: data_lib.Dataset, *, seed: int = 0
 ) -> dict[str, Any]:
-    """Loss gradients summed over 5 batches of 128 training images (the reference's taylor).
+    """Loss gradients summed over ``ifjax.TAYLOR_BATCHES`` (5) batches of
+    ``ifjax.TAYLOR_BATCH_SIZE`` (128) training images (the reference's taylor).
 
     The batches are the first five of a shuffled, augmented epoch (as the reference's
     training loader); the model runs in eval mode on the folded variables.
     """
-    batch_size = min(TAYLOR_BATCH_SIZE, len(train_set))
+    batch_size = min(ifjax.TAYLOR_BATCH_SIZE, len(train_set))
     iterator = data_lib.batches(train_set, batch_size, shuffle=True, augment=True, seed=seed)
     pairs = []
-    for batch, _ in zip(iterator, range(TAYLOR_BATCHES), strict=False):
+    for batch, _ in zip(iterator, range(ifjax.TAYLOR_BATCHES), strict=False):
         pairs.append((jnp.asarray(batch["image"]), jnp.asarray(batch["label"])))
     iterator.close()
     return ifjax.accumulate_gradients(model, folded, pairs)
@@ -199,6 +198,7 @@ def datafree_sweep(
     epsilon: float = 1e-3,
     paper_lamp: bool = False,
     gradients: Mapping[str, Any] | None = None,
+    recalibration_batches: Sequence[Mapping[str, Any]] | None = None,
     seed: int = 0,
     progress: bool = True,
     journal: str | os.PathLike | None = None,
@@ -219,6 +219,10 @@ def datafree_sweep(
       epsilon: Sinkhorn's relative entropic regularization.
       paper_lamp: score "lamp" with the released code's LAMP ("lamp_released").
       gradients: for taylor, from :func:`taylor_gradients` on the folded model.
+      recalibration_batches: training batches (dicts with an ``"image"``); given, every
+        pruned model's BatchNorm statistics are re-estimated on them
+        (:func:`ifjax.recalibrate_batchnorm`) before it is evaluated, and each row's
+        ``recalibrate`` is their image count (0 without: the paper's data-free setting).
       seed: seed of the keys of "random" importance.
       progress: show a progress bar (rate and ETA) on stderr.
       journal: a JSON-lines file that every finished cell is appended to (flushed and
@@ -229,7 +233,7 @@ def datafree_sweep(
     Returns:
       One dict per (group, importance, sparsity, method) with ``group``, ``sparsity``,
       ``importance``, ``method``, ``top1`` and ``base_top1`` (percent), ``gain`` (set by
-      :func:`add_paper_columns`), ``scoring`` and ``converged``.
+      :func:`add_paper_columns`), ``scoring``, ``converged`` and ``recalibrate``.
 
     Example:
       >>> rows = datafree_sweep(model, variables, eval_batch_list(test_set),
@@ -242,6 +246,7 @@ def datafree_sweep(
     folded = ifjax.fold_batchnorm(variables, all_groups)
     base_top1 = 100 * training.evaluate(model, folded, eval_batches)["top1"]
     cells = _cells(selected, importances, sparsities, methods)
+    recalibrate = sum(len(b["image"]) for b in recalibration_batches or ())
     settings = dict(
         solver=solver,
         epsilon=epsilon,
@@ -250,6 +255,7 @@ def datafree_sweep(
         base_top1=round(base_top1, 4),
         images=sum(len(batch["label"]) for batch in eval_batches),
     )
+    settings |= {"recalibrate": recalibrate} if recalibrate else {}  # old journals resume
     done = _read_journal(journal, settings) if journal is not None else {}
     rows = []
     bar = tqdm.tqdm(
@@ -265,6 +271,8 @@ def datafree_sweep(
         key = jax.random.fold_in(jax.random.key(seed), cell_index // len(methods))
         plan = pruner.plan(folded, group, gradients=gradients, key=key)
         masked = pruner.apply(folded, group, plan, masked=True)
+        if recalibrate:
+            masked = ifjax.recalibrate_batchnorm(model, masked, recalibration_batches)
         top1 = 100 * training.evaluate(model, masked, eval_batches)["top1"]
         row = dict(
             group=index,
@@ -275,6 +283,7 @@ def datafree_sweep(
             base_top1=base_top1,
             scoring=scorings[importance],
             converged=bool(plan.converged),
+            recalibrate=recalibrate,
         )
         rows.append(row)
         if journal is not None:
@@ -303,7 +312,8 @@ def _read_journal(path: str | os.PathLike, settings: Mapping[str, Any]) -> dict[
             if number == len(lines):
                 continue  # a line cut short by an interruption: that cell runs again
             raise ValueError(f"sweep journal {path} line {number} is corrupt: {error}") from None
-        differing = sorted(k for k in settings if recorded.get(k) != settings[k])
+        keys = set(settings) | set(recorded)
+        differing = sorted(k for k in keys if recorded.get(k) != settings.get(k))
         if differing:
             raise ValueError(
                 f"sweep journal {path} was written with other settings or another model "
@@ -353,7 +363,7 @@ def add_paper_columns(
         gain = both["intra_fusion"] - both["default"] if has_both else None
         row["gain"] = "" if gain is None else gain
         if paper is not None:
-            paper_name = _PAPER_IMPORTANCE.get(row["scoring"])
+            paper_name = _PAPER_NAMES.get(row["scoring"])
             cell = paper.get((row["group"], round(row["sparsity"], 6), paper_name))
             paper_default, paper_fused = cell if cell is not None else ("", "")
             paper_gain = "" if cell is None else round(cell[1] - cell[0], 4)
@@ -379,9 +389,12 @@ def sign_agreement(rows: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Writes the rows with :data:`CSV_COLUMNS` (and :data:`PAPER_COLUMNS` if present)."""
+    """Writes the rows with :data:`CSV_COLUMNS` (``recalibrate`` too where a row was
+    recalibrated, and :data:`PAPER_COLUMNS` if present)."""
     path = Path(path)
     columns = list(CSV_COLUMNS)
+    if any(row.get("recalibrate") for row in rows):
+        columns.append("recalibrate")
     if rows and "sign_agrees" in rows[0]:
         columns += PAPER_COLUMNS
     path.parent.mkdir(parents=True, exist_ok=True)
