@@ -447,7 +447,7 @@ def test_recalibrate_reestimates_batchnorm_after_fusion_and_every_pruning_step(
     monkeypatch.setattr(ifjax, "recalibrate_batchnorm", spy)
     result = fap(MODEL, data, workdir=tmp_path, **dict(FAP, recalibrate=40))
     assert [cfg for cfg, _, _ in seen] == [(8, "M", 16, "M"), (6, "M", 12, "M"), (4, "M", 8, "M")]
-    chosen = np.sort(np.random.default_rng(0).permutation(len(data[0]))[:40])
+    chosen = np.random.default_rng(0).permutation(len(data[0]))[:40]  # random_subset
     for _, _, batches in seen:
         assert len(batches) == 1
         np.testing.assert_array_equal(batches[0]["image"], normalize(data[0].images[chosen]))

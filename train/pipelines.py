@@ -55,7 +55,7 @@ import ifjax
 from ifjax import fuse
 from ifjax.checkpoint import save_model
 from models.registry import create_model, init_variables, model_spec
-from train.data import Dataset, batches, load_dataset
+from train.data import Dataset, IndexedDataset, batches, load_dataset, random_subset
 from train.options import (
     NONNEGATIVE_INT,
     POSITIVE_FLOAT,
@@ -65,7 +65,7 @@ from train.options import (
     option,
 )
 from train.split import (
-    IndexedDataset,
+    STRATEGIES,
     evaluate_replicas,
     kfold_training_sets,
     replica_mesh,
@@ -73,11 +73,10 @@ from train.split import (
     shard_replicas,
     split_indices,
     stack_trees,
-    sync_processes,
     train_replicas,
 )
 from train.stages import StageStore
-from train.training import SCHEDULES
+from train.training import SCHEDULES, sync_processes
 
 __all__ = [
     "REPORT_COLUMNS",
@@ -139,6 +138,9 @@ class SplitOptions(Options):
       optimizer_kind: learning-rate schedule (``"base"``, ``"finetune"``, ``"fast"``).
       augment: CIFAR crop + flip.
       num_devices: devices for the replica axis (None: all).
+      strategy: replica strategy of :func:`train.split.train_replicas` (``"auto"``,
+        ``"vmap"``, ``"shard"``, ``"sequential"``); changes the speed only, so a run
+        resumes under another one.
       steps_per_epoch: cap on steps per epoch (quick runs).
       train_examples, test_examples: use only a random subset of that many examples
         (drawn from ``seed``), e.g. for quick runs.
@@ -161,6 +163,14 @@ class SplitOptions(Options):
     optimizer_kind: str = option("base", flag="--schedule", choices=SCHEDULES)
     augment: bool = option(True, command_line=False)
     num_devices: int | None = option(None, check=POSITIVE_INT, help="devices for the replica axis")
+    strategy: str = option(
+        "auto",
+        flag="--replica-strategy",
+        choices=STRATEGIES,
+        recorded="never",
+        help="how the k replicas train: vmap, shard (over devices), sequential, or auto "
+        "(sequential on CPU, vmap on GPU/TPU, shard with several devices); speed only",
+    )
     steps_per_epoch: int | None = option(None, check=POSITIVE_INT, help="cap (quick runs)")
     train_examples: int | None = option(
         None, flag="--train-subset", check=POSITIVE_INT, help="random subset of training images"
@@ -327,6 +337,7 @@ class _Context:
             seed=replica_seed(self.options.seed, 10_000 + salt),
             augment=self.options.augment,
             num_devices=self.options.num_devices,
+            strategy=self.options.strategy,
             steps_per_epoch=self.options.steps_per_epoch,
             workdir=self.checkpoint_dir,
             log=self.log,
@@ -677,11 +688,10 @@ def _finish(ctx: _Context, pipeline: str, model, variables_list) -> PipelineResu
 
 
 def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
-    """A random subset (datasets may be stored class by class, so never a prefix)."""
-    if size is None or size >= len(dataset):
-        return dataset
-    chosen = np.random.default_rng(seed).permutation(len(dataset))[:size]
-    return IndexedDataset(dataset, np.sort(chosen))
+    """:func:`train.data.random_subset` of ``size`` examples (None or more: all of them)."""
+    return (
+        dataset if size is None or size >= len(dataset) else random_subset(dataset, size, seed=seed)
+    )
 
 
 def _datasets(dataset, opts: SplitOptions) -> tuple[Dataset, Dataset]:

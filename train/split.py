@@ -78,7 +78,6 @@ from train.training import (
     evaluate_with,
     optimizer_config,
     run_loop,
-    sync_processes,
     to_host,
     train_step,
 )
@@ -96,7 +95,6 @@ __all__ = [
     "shard_replicas",
     "split_indices",
     "stack_trees",
-    "sync_processes",
     "train_replicas",
     "unstack_tree",
 ]
@@ -307,9 +305,7 @@ def evaluate_replicas(
 STRATEGIES = ("auto", "vmap", "shard", "sequential")
 
 
-def choose_strategy(
-    k: int, num_devices: int | None = None, backend: str | None = None
-) -> str:
+def choose_strategy(k: int, num_devices: int | None = None, backend: str | None = None) -> str:
     """The replica strategy :func:`train_replicas` uses with ``strategy="auto"``.
 
     * ``"shard"`` when the replicas can be spread over more than one device (or process):

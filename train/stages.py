@@ -34,7 +34,7 @@ import jax
 
 from ifjax.checkpoint import METADATA_FILE, restore_pytree, save_pytree
 from models.registry import build_model, model_spec
-from train.split import sync_processes
+from train.training import sync_processes
 
 __all__ = ["CONFIG_FILE", "IGNORED_SETTINGS", "StageStore", "setting_differences"]
 
