@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -113,24 +114,38 @@ def _weighted_sum(total: Any, stats: Any, weight: int) -> Any:
     return jax.tree.map(lambda a, b: a + weight * b, total, stats)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "kwargs", "axis_name"))
+def _train_mode_batch_stats(others, prev, x, *, model, kwargs, axis_name) -> Any:
+    """The ``batch_stats`` a Linen model's train-mode pass over ``x`` leaves, from ``prev``
+    (jit-compiled once per model, kwargs and shapes: models of equal widths share it)."""
+
+    def run(x):
+        variables = {**others, "batch_stats": prev}
+        _, state = model.apply(variables, x, mutable=["batch_stats"], **dict(kwargs))
+        return state["batch_stats"]
+
+    if axis_name is None:
+        return run(x)
+    return jax.tree.map(lambda a: a[0], jax.vmap(run, axis_name=axis_name)(x[None]))
+
+
 def _linen_recalibrated(model, variables, batches, kwargs, axis_name) -> dict[str, Any]:
     """Linen: a BatchNorm in train mode updates ``ra = m * ra + (1 - m) * batch``, with a
     momentum ``m`` the module keeps to itself. Run from ``ra = 0`` it returns
     ``(1 - m) * batch``, from ``ra = 1`` ``m + (1 - m) * batch``: the difference is ``m``,
     so every layer's batch statistics come out exactly, whatever its momentum."""
     others = {k: v for k, v in variables.items() if k != "batch_stats"}
-
-    @jax.jit
-    def updated(prev: Any, x: Any) -> Any:
-        def run(x):
-            _, state = model.apply(
-                {**others, "batch_stats": prev}, x, mutable=["batch_stats"], **kwargs
-            )
-            return state["batch_stats"]
-
-        if axis_name is None:
-            return run(x)
-        return jax.tree.map(lambda a: a[0], jax.vmap(run, axis_name=axis_name)(x[None]))
+    static = tuple(sorted(kwargs.items()))
+    try:
+        hash((model, static))
+    except TypeError:  # unhashable module fields or kwargs: compiled for this call only
+        step = jax.jit(functools.partial(_train_mode_batch_stats.__wrapped__, model=model,
+                                         kwargs=static, axis_name=axis_name))  # fmt: skip
+    else:
+        step = functools.partial(
+            _train_mode_batch_stats, model=model, kwargs=static, axis_name=axis_name
+        )
+    updated = functools.partial(step, others)
 
     zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
     ones = jax.tree.map(jnp.ones_like, variables["batch_stats"])

@@ -67,6 +67,20 @@ def test_statistics_are_batch_size_weighted_averages_of_the_batches():
     np.testing.assert_allclose(bn0["var"], (weights * np.array(variances)).sum(0), rtol=1e-4)
 
 
+def test_models_of_equal_widths_share_one_compiled_pass():
+    """A sweep recalibrates many models; those of the same widths (Default and
+    Intra-Fusion of one cell, k replicas) compile the train-mode pass once."""
+    from ifjax._batchnorm import _train_mode_batch_stats
+
+    model = create_model("vgg11_bn", 10, 0.0625)
+    x = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
+    first = ifjax.recalibrate_batchnorm(model, init_variables(model, 0), [x])
+    compiled = _train_mode_batch_stats._cache_size()
+    second = ifjax.recalibrate_batchnorm(model, init_variables(model, 1), [x, x])
+    assert _train_mode_batch_stats._cache_size() == compiled
+    assert not np.allclose(first["batch_stats"]["bn0"]["var"], second["batch_stats"]["bn0"]["var"])
+
+
 def test_linen_model_with_axis_name_and_dict_batches():
     """flax's examples ResNet: BatchNorm(axis_name="batch"), train=True by default."""
     model, variables, x = clients.linen_resnet()
