@@ -205,7 +205,8 @@ class PipelineOptions(SplitOptions):
     Attributes:
       sparsity: final fraction of every group's channels removed (all groups).
       prune_steps: pruning steps to reach it (the paper: 4).
-      epochs_per_step: fine-tuning epochs after each step (the paper: 10).
+      epochs_per_step: fine-tuning epochs after each step (the paper: 10; 0: none, so
+        every step's row is the pruned model before any fine-tuning).
       finetune_epochs: final fine-tuning epochs (the paper: 80).
       baseline: also run the whole-data baseline and report it alongside.
       baseline_finetune_epochs: the baseline's final fine-tuning (None: twice
@@ -223,7 +224,7 @@ class PipelineOptions(SplitOptions):
 
     sparsity: float = option(0.6, check=SPARSITY, help="final, all groups")
     prune_steps: int = option(4, check=POSITIVE_INT)
-    epochs_per_step: int = option(10, check=POSITIVE_INT)
+    epochs_per_step: int = option(10, check=NONNEGATIVE_INT, help="0: no fine-tuning")
     finetune_epochs: int = option(80, check=POSITIVE_INT)
     baseline: bool = option(True, flag="--no-baseline", help="skip the whole-data model")
     baseline_finetune_epochs: int | None = option(None, check=NONNEGATIVE_INT, command_line=False)
