@@ -61,7 +61,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -389,9 +388,12 @@ class _Sequential:
                 state, one, model=self.model, optimizer=self.optimizer,
                 compute_dtype=self.compute_dtype,
             )  # fmt: skip
-            new.append(state)
+            # one replica's step at a time: two independent steps in flight at once share
+            # XLA:CPU's thread pool and run slower than one after the other
+            new.append(jax.block_until_ready(state))
             metrics.append(m)
-        return new, {key: jnp.stack([m[key] for m in metrics]) for key in metrics[0]}
+        # per-replica lists: stacked on the host when the loop reads them, not per step
+        return new, {key: [m[key] for m in metrics] for key in metrics[0]}
 
     def batch(self, local: Mapping[int, Batch], k: int) -> list[Batch]:
         return {key: [local[r][key] for r in range(k)] for key in ("image", "label")}
