@@ -311,8 +311,8 @@ def choose_strategy(k: int, num_devices: int | None = None, backend: str | None 
       the replica axis is split over :func:`replica_mesh` and no device talks to another.
     * ``"sequential"`` on a CPU backend: a vmapped convolution becomes a grouped
       convolution there, which XLA:CPU runs slower than the k plain ones (measured with
-      ``bench/replicas.py``, see bench/README.md: VGG11-BN x0.25, batch 64 on 2 cores,
-      vmapped k=2 took 1.3x the time of two sequential steps).
+      ``bench/replicas.py``, bench/README.md: k=2 VGG11-BN x0.25 on 2 cores, sequential
+      0.80-1.07x the time of two separate runs, vmapped 1.03-1.71x).
     * ``"vmap"`` on GPUs and TPUs: one program keeps the accelerator busy where k small
       models alone would not.
     """
