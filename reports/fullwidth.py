@@ -383,7 +383,16 @@ def train_stage(name: str, recipe: Recipe, data: Data, workdir: Path, epochs: in
 # --------------------------------------------------------------------------- data-free
 
 
-DATAFREE_MACHINES = "datafree_machines.json"  # the machine of each importance's sweep
+DATAFREE_MACHINES = "datafree_machines.json"  # the machines of each importance's sweep
+
+
+def _record_machine(path: Path, importance: str) -> None:
+    """Adds this machine to those that worked on ``importance``'s sweep (a sweep may be
+    resumed on another machine)."""
+    machines = _read_json(path) or {}
+    here = machine()
+    if here not in machines.get(importance, []):
+        _write_json(path, machines | {importance: [*machines.get(importance, []), here]})
 
 
 def datafree_stage(
@@ -403,6 +412,7 @@ def datafree_stage(
         if importance == "taylor" and gradients is None:
             folded = ifjax.fold_batchnorm(variables, groups)
             gradients = sweep.taylor_gradients(model, folded, data.train, seed=0)
+        _record_machine(workdir / DATAFREE_MACHINES, importance)
         start = time.perf_counter()
         rows += sweep.datafree_sweep(
             model,
@@ -419,8 +429,6 @@ def datafree_stage(
             journal=workdir / f"datafree_{importance}.jsonl",
         )
         _say(f"{name}: data-free {importance} done in {time.perf_counter() - start:.1f}s")
-        machines = _read_json(workdir / DATAFREE_MACHINES) or {}
-        _write_json(workdir / DATAFREE_MACHINES, machines | {importance: machine()})
     return rows
 
 

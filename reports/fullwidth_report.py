@@ -132,14 +132,28 @@ def _machine_name(machine: Mapping[str, Any]) -> str:
 
 
 def _machines_line(importances: list[str], machines: Mapping[str, Any]) -> str:
-    """Which machine evaluated each importance's sweep."""
+    """Which machines evaluated each importance's sweep."""
     by_machine: dict[str, list[str]] = {}
     for importance in importances:
-        known = machines.get(importance)
-        name = _machine_name(known) if known else "a machine not recorded"
-        by_machine.setdefault(name, []).append(importance)
+        known = machines.get(importance) or []
+        known = [known] if isinstance(known, Mapping) else known  # one machine, as first kept
+        names = [_machine_name(m) for m in known] or ["a machine not recorded"]
+        by_machine.setdefault(" and ".join(names), []).append(importance)
     parts = [f"{', '.join(names)} on {machine}" for machine, names in by_machine.items()]
     return "Evaluated: " + "; ".join(parts) + "."
+
+
+def _coverage_lines(rows: list[dict], importances: list[str]) -> list[str]:
+    """A line per importance whose sweep has fewer evaluations than the fullest one."""
+    counts = {i: sum(r["importance"] == i for r in rows) for i in importances}
+    full = max(counts.values())
+    lines = [
+        f"{i}: {n} of {full} evaluations so far (the sweep resumes where it stopped); its "
+        "summaries below cover those only."
+        for i, n in counts.items()
+        if n < full
+    ]
+    return [*lines, ""] if lines else []
 
 
 def _datafree_section(name: str, result: Mapping[str, Any], reports: Path) -> list[str]:
@@ -168,6 +182,7 @@ def _datafree_section(name: str, result: Mapping[str, Any], reports: Path) -> li
         "",
         _machines_line(importances, result.get("datafree_machines", {})),
         "",
+        *_coverage_lines(rows, importances),
         *reproduce._summary_lines(cells),
         "",
         "Absolute accuracies (the widths are the paper's now):",
