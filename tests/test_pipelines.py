@@ -28,6 +28,7 @@ from train.pipelines import (
     REPORT_COLUMNS,
     FapOptions,
     PipelineOptions,
+    SplitOptions,
     fap,
     paf,
     prune_schedule,
@@ -306,8 +307,30 @@ def test_other_settings_in_a_workdir_are_refused(data, fap_run, tmp_path):
         paf(MODEL, data, workdir=workdir, **settings)
     assert (workdir / "stages" / "config.json").read_text() == config
     # the device layout is not a setting of the result: every stage is loaded
-    again = fap(MODEL, data, workdir=workdir, **dict(FAP, num_devices=1))
+    again = fap(MODEL, data, workdir=workdir, **dict(FAP, num_devices=1, strategy="vmap"))
     assert again.report["rows"] == fap_run[1].report["rows"]
+
+
+def test_replica_strategy_reaches_the_training_and_changes_the_speed_only(
+    data, tmp_path, monkeypatch
+):
+    settings = dict(k=2, epochs=1, batch_size=16, optimizer_kind="fast", augment=False)
+    settings |= dict(fair_timing=False, log=None)
+    seen, original = [], train.pipelines.train_replicas
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["strategy"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train.pipelines, "train_replicas", spy)
+    vmapped = split_train(MODEL, data, strategy="vmap", workdir=tmp_path / "v", **settings)
+    one_by_one = split_train(MODEL, data, strategy="sequential", workdir=tmp_path / "s", **settings)
+    assert seen == ["vmap", "sequential"]
+    for ours, theirs in zip(vmapped.variables, one_by_one.variables, strict=True):
+        assert_trees_equal(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert "strategy" not in vmapped.report["config"]
+    with pytest.raises(ValueError, match="strategy"):
+        SplitOptions(strategy="grouped")
 
 
 def test_overwrite_starts_over(data, tmp_path, monkeypatch):
