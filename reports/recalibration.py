@@ -145,6 +145,7 @@ def _pipeline_lines(rows: list[dict]) -> list[str]:
         "| pipeline | stage | top-1 | top-1, recalibrated | change |",
         "|---|---|---:|---:|---:|",
     ]
+    before, after = [], []
     for name, stages in PIPELINE_STAGES.items():
         dense = top1[(name, "split_train", 0)]
         lines.append(f"| {name} | dense replicas (mean of 2) | {dense:.2f} | - | - |")
@@ -154,6 +155,14 @@ def _pipeline_lines(rows: list[dict]) -> list[str]:
                 f"| {name} | {label} | {plain:.2f} | {recalibrated:.2f} | "
                 f"{recalibrated - plain:+.2f} |"
             )
+            (after if stage == "finetune" else before).append(recalibrated - plain)
+    lines += [
+        "",
+        f"Before fine-tuning, recalibration raises every fused or pruned model by "
+        f"{min(before):+.2f} to {max(before):+.2f} points. After the final fine-tuning the "
+        f"recalibrated runs end {', '.join(f'{d:+.2f}' for d in after)} points from the "
+        "plain ones (one run each): fine-tuning re-estimates the statistics anyway.",
+    ]
     return lines
 
 
@@ -185,10 +194,20 @@ def _demo_lines(rows: list[dict]) -> list[str]:
         for a, b in zip(a_list, cells[(s, "default", i)], strict=True)
     )
     total = sum(len(v) for (s, m, i), v in cells.items() if m == "default" and i == 0)
+    change = lambda method, s: mean((s, method, IMAGES)) - mean((s, method, 0))
     lines += [
         "",
         f"Intra-Fusion beats Default in {wins(0)}/{total} cells without recalibration and "
-        f"{wins(IMAGES)}/{total} with it.",
+        f"{wins(IMAGES)}/{total} with it. Recalibration lifts Default by "
+        f"{min(change('default', s) for s in sparsities):+.2f} to "
+        f"{max(change('default', s) for s in sparsities):+.2f} points on average and "
+        "Intra-Fusion by "
+        f"{min(change('intra_fusion', s) for s in sparsities):+.2f} to "
+        f"{max(change('intra_fusion', s) for s in sparsities):+.2f}: much of Intra-Fusion's "
+        "data-free lead is what Default loses to stale statistics, and with them "
+        "re-estimated Intra-Fusion stays ahead at the higher sparsities. At the lowest "
+        "sparsity recalibration costs both methods a little: 512 images estimate the "
+        "statistics less well than the running averages of a whole training run.",
     ]
     return lines
 

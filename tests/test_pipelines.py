@@ -291,7 +291,7 @@ def test_paf_resumes_inside_an_interrupted_training(data, paf_run, tmp_path, mon
     resumed = paf(MODEL, data, workdir=tmp_path, **dict(PAF, log=lines.append))
     # every PaF stage loaded; the baseline's training went on from its first epoch
     assert (epochs[0], trained[0], fused[0]) == (3, 3, 0)
-    assert any("resumed at step" in line and "(epoch 2)" in line for line in lines)
+    assert any("resumed at step" in line and "(epoch 2, 0 of its" in line for line in lines)
     _assert_same_run(resumed, paf_run[1])
     assert not training.exists()
 

@@ -818,7 +818,12 @@ def _resume(loop: TrainLoop, run: _Run, progress_log) -> _Run:
     if found:
         run = _restore_checkpoint(found[-1], run, loop)
         if progress_log is not None:
-            progress_log(f"resumed at step {run.step} (epoch {run.epoch + 1}) from {found[-1]}")
+            where = (
+                f"all {loop.epochs} epochs done"
+                if run.epoch >= loop.epochs
+                else f"epoch {run.epoch + 1}, {run.step_in_epoch} of its steps done"
+            )
+            progress_log(f"resumed at step {run.step} ({where}) from {found[-1]}")
     _write_metrics(loop.workdir, run.history)
     return run
 
