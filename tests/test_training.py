@@ -281,7 +281,7 @@ _fit(init_variables(MODEL, 0, (1, 8, 8, 3)), sys.argv[1], train_batches=batches,
 """
 
 
-@pytest.mark.parametrize("kill_at", [2, 4, 9])  # inside epoch 1, at its end, in epoch 3
+@pytest.mark.parametrize("kill_at", [2, 9])  # inside epoch 1 and inside epoch 3
 def test_kill_9_at_any_step_then_the_same_command_equals_uninterrupted(
     tmp_path, variables, reference, kill_at
 ):
