@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import ifjax
+from models.registry import MODEL_FACTORIES
 from train import jobs, sweep
 from train.options import (
     NONNEGATIVE_FLOAT,
@@ -42,7 +43,7 @@ __all__ = [
     "parse_groups",
 ]
 
-MODELS = ("vgg11_bn", "resnet18", "resnet50", "vit", "mobilenetv2")
+MODELS = tuple(MODEL_FACTORIES)  # every model of models.registry
 DATASETS = ("cifar10", "cifar10_jpeg", "cifar100", "imagenet2012")
 METHODS = ("intra_fusion", "default")
 SOLVERS = ("exact", "sinkhorn")
