@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -335,8 +336,10 @@ def _summary(found: Mapping[str, Any]) -> list[str]:
             )
     missing = []
     for name, result in found["models"].items():
-        done = {r["importance"] for r in result["datafree"]}
-        left = [i for i in fullwidth.IMPORTANCES if i not in done]
+        counts = collections.Counter(r["importance"] for r in result["datafree"])
+        full = max(counts.values(), default=0)
+        left = [i for i in fullwidth.IMPORTANCES if i not in counts]
+        left += [f"{i} ({n} of {full} evaluations so far)" for i, n in counts.items() if n < full]
         if left:
             missing.append(f"{LABELS[name]}'s data-free {', '.join(left)}")
         rows = len(result["table1"])
@@ -384,7 +387,7 @@ def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
     ]
     for name, result in found["models"].items():
         lines += [
-            f"## {LABELS[name]}: data-free pruning (machine: {_device(result)})",
+            f"## {LABELS[name]}: data-free pruning (model trained on {_device(result)})",
             "",
             *_datafree_section(name, result, reports),
             f"## {LABELS[name]}: Table 1, pruned and fine-tuned (machine: {_device(result)})",
