@@ -163,8 +163,9 @@ DATAFREE = [
 SPLIT_FUSION = [
     (
         "md",
-        "# Split data, fusion and pruning\n\nTwo replicas trained at once (one vmapped "
-        "program) on disjoint halves of the data, fused with OTFusion, then pruned with "
+        "# Split data, fusion and pruning\n\nTwo replicas trained at once (`train_replicas` "
+        "picks the strategy: one vmapped program on a GPU, one replica after the other on "
+        "a CPU) on disjoint halves of the data, fused with OTFusion, then pruned with "
         "Intra-Fusion: the paper's Prune-and-Fuse / Fuse-and-Prune building blocks. The "
         "full pipelines are `ifjax fap` and `ifjax paf`.",
     ),
