@@ -306,3 +306,27 @@ def test_a_run_of_another_recipe_is_refused(fullwidth, cifar_zip, tmp_path):
     (workdir / "train.json").write_text(json.dumps({"recipe": other, "test_top1": 1.0}))
     with pytest.raises(ValueError, match="another recipe"):
         fullwidth.train_stage("vgg11_bn", recipe, None, workdir, epochs=1)
+
+
+def test_report_names_each_sweeps_machines_and_incomplete_sweeps(fullwidth, tmp_path):
+    import fullwidth_report
+
+    gpu = dict(platform="gpu", device="NVIDIA H200", cpu="x86_64", cores=16, jax="0.11.2")
+    cpu = dict(platform="cpu", device="cpu", cpu="x86_64", cores=2, jax="0.10.2")
+    line = fullwidth_report._machines_line(
+        ["l1", "lamp", "taylor"], {"l1": [gpu], "lamp": [cpu, gpu]}
+    )
+    assert line == (
+        "Evaluated: l1 on NVIDIA H200 (jax 0.11.2); lamp on this CPU (x86_64, 2 cores, jax "
+        "0.10.2) and NVIDIA H200 (jax 0.11.2); taylor on a machine not recorded."
+    )
+    rows = [{"importance": "l1"}] * 4 + [{"importance": "lamp"}] * 3
+    assert fullwidth_report._coverage_lines(rows, ["l1", "lamp"])[0].startswith(
+        "lamp: 3 of 4 evaluations so far"
+    )
+    assert fullwidth_report._coverage_lines(rows[:4], ["l1"]) == []
+    # the sweep records this machine once per importance, however often it resumes there
+    path = tmp_path / fullwidth.DATAFREE_MACHINES
+    for _ in range(2):
+        fullwidth._record_machine(path, "lamp")
+    assert json.loads(path.read_text()) == {"lamp": [fullwidth.machine()]}
