@@ -6,7 +6,7 @@ and Table 1, in resumable stages, on this CPU or on one GPU.
     python reports/reproduce.py fullwidth --device-run unpack DIR   # what came back
     python reports/reproduce.py fullwidth --tiny                # everything, a few steps
 
-Stages (each resumes; a stage cut short is simply run again):
+Stages, run in the order given (each resumes; a stage cut short is simply run again):
 
 * ``train``: the model at full width from scratch, batches gathered and augmented on the
   accelerator (:class:`train.data.DeviceBatches`), one-cycle schedule, SGD with Nesterov
@@ -28,12 +28,17 @@ under 64 MiB: ``--device-run prepare`` packs the zip's JPEG bytes into an 18 MB 
 (:func:`train.data.pack_cifar10`, read without tfds) and downloads the wheels; the
 commands it prints run the stages under a deadline and return results and weights as at
 most 8 files of at most 16 MiB; ``--device-run unpack`` puts them under
-``runs/fullwidth/gpu`` and writes the reports.
+``runs/fullwidth/gpu`` and writes the reports. ``prepare`` plans only what is still to do
+on a GPU (:func:`device_work`): a model not yet trained there with the current recipe or
+whose Table 1 is incomplete, the benches not yet measured; the most needed first, each
+command stopping between units of work at its deadline. A data-free sweep left incomplete
+continues on this CPU with the returned weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import importlib.util
 import io
@@ -82,6 +87,8 @@ MAX_FILES = 8
 RESERVED = 2 * 2**20  # kept free for the log
 WEIGHTS = "trained.npz"
 RESULTS = "results.zip"
+DEVICE_DEADLINE_S = 290  # a device command starts no work after this long
+DEVICE_TIMEOUT_S = 330  # the device tool's limit for one command (two fit in 12 minutes)
 PAPER_BASE = {"vgg11_bn": (89.6, 90.2), "resnet18": (95.0, 95.2)}
 
 
@@ -319,13 +326,18 @@ def _model(name: str, recipe: Recipe):
     return create_model(name, 10, recipe.width)
 
 
+def _recorded_recipe(recipe: Recipe, epochs: int) -> dict[str, Any]:
+    """The recipe as a model's ``train.json`` records it."""
+    return json.loads(json.dumps(dataclasses.asdict(recipe) | {"epochs": epochs}))
+
+
 def train_stage(name: str, recipe: Recipe, data: Data, workdir: Path, epochs: int) -> dict:
     """Trains (or resumes, or finds trained) the base model; returns its summary."""
     summary_path = workdir / "train.json"
     summary = _read_json(summary_path)
-    wanted = dataclasses.asdict(recipe) | {"epochs": epochs}
+    wanted = _recorded_recipe(recipe, epochs)
     if summary is not None and (workdir / WEIGHTS).exists():
-        if summary["recipe"] != json.loads(json.dumps(wanted)):
+        if summary["recipe"] != wanted:
             raise ValueError(
                 f"{workdir} holds {name} trained with another recipe ({summary['recipe']}); "
                 "pass --runs with another folder (or move it) to train with this one"
@@ -384,6 +396,7 @@ def train_stage(name: str, recipe: Recipe, data: Data, workdir: Path, epochs: in
 
 
 DATAFREE_MACHINES = "datafree_machines.json"  # the machines of each importance's sweep
+DATAFREE_CELL_S = 15  # seconds kept in hand before each cell under a deadline
 
 
 def _record_machine(path: Path, importance: str) -> None:
@@ -414,7 +427,7 @@ def datafree_stage(
             gradients = sweep.taylor_gradients(model, folded, data.train, seed=0)
         _record_machine(workdir / DATAFREE_MACHINES, importance)
         start = time.perf_counter()
-        rows += sweep.datafree_sweep(
+        done = sweep.datafree_sweep(
             model,
             variables,
             data.evals,
@@ -427,8 +440,11 @@ def datafree_stage(
             gradients=gradients,
             progress=False,
             journal=workdir / f"datafree_{importance}.jsonl",
+            stop_when=lambda: not deadline.allows(DATAFREE_CELL_S),
         )
-        _say(f"{name}: data-free {importance} done in {time.perf_counter() - start:.1f}s")
+        rows += done
+        seconds = time.perf_counter() - start
+        _say(f"{name}: data-free {importance}: {len(done)} evaluations ({seconds:.1f}s)")
     return rows
 
 
@@ -685,43 +701,42 @@ def run_stages(
     importances: Sequence[str] = IMPORTANCES,
     bench_models: Sequence[str] | None = None,
 ) -> Path:
-    """Runs ``stages`` for ``models`` (in that order) under ``runs/<recipe>``; with ``out``,
-    exports results and weights there after every stage (the device's returned files)."""
+    """Runs ``stages`` in the order given (each for every model in ``models``) under
+    ``runs/<recipe>``; with ``out``, exports results and weights there after every stage
+    (the device's returned files). A stage that ``deadline_s`` cuts short resumes on the
+    next run."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or len(set(stages)) != len(stages):
+        raise ValueError(f"stages must be distinct, from {STAGES}; got {list(stages)}")
     deadline = Deadline(deadline_s)
     root = runs / recipe.name
     root.mkdir(parents=True, exist_ok=True)
     _say(f"recipe {recipe.name}, models {list(models)}, stages {list(stages)} on {machine()}")
     data = None
-    needs_data = {"train", "datafree", "table1"} & set(stages)
-    if needs_data:
+    if {"train", "datafree", "table1"} & set(stages):
         data = load_data(recipe, data_path)
     epochs = {**recipe.epochs, **(epochs or {})}
-    if "bench" in stages:
-        bench_stage(bench_models or models, recipe, root, deadline)
+    trained = lambda: [name for name in models if (root / name / WEIGHTS).exists()]
+    for stage in stages:
+        if stage == "bench":
+            bench_stage(bench_models or models, recipe, root, deadline)
+        elif stage == "train":
+            for name in models:
+                train_stage(name, recipe, data, root / name, epochs[name])
+                _export(root, out, models)
+        elif stage == "datafree":
+            for name in trained():
+                datafree_stage(name, recipe, data, root / name, deadline, importances)
+                _export(root, out, models)
+        elif stage == "table1":
+            for name in trained():
+                table1_stage(name, recipe, data, root / name, deadline)
+                _export(root, out, models)
+        elif stage == "replicas":
+            replicas_stage(models[0], recipe, root, deadline)
+        elif stage == "report":
+            write_reports(runs, reports)
         _export(root, out, models)
-    # every model trained first, then the first importance's sweep of each, Table 1, and
-    # the other importances while the deadline allows (what is left resumes next run)
-    trained = []
-    for name in models:
-        if "train" in stages:
-            train_stage(name, recipe, data, root / name, epochs[name])
-            _export(root, out, models)
-        if (root / name / WEIGHTS).exists():
-            trained.append(name)
-    for name in trained if "datafree" in stages else []:
-        datafree_stage(name, recipe, data, root / name, deadline, importances[:1])
-        _export(root, out, models)
-    for name in trained if "table1" in stages else []:
-        table1_stage(name, recipe, data, root / name, deadline)
-        _export(root, out, models)
-    for name in trained if "datafree" in stages else []:
-        datafree_stage(name, recipe, data, root / name, deadline, importances[1:])
-        _export(root, out, models)
-    if "replicas" in stages:
-        replicas_stage(models[0], recipe, root, deadline)
-        _export(root, out, models)
-    if "report" in stages:
-        write_reports(runs, reports)
     return root
 
 
@@ -736,7 +751,15 @@ def _export(root: Path, out: Path | None, models: Sequence[str]) -> None:
         for path in sorted(root.rglob("*")):
             relative = path.relative_to(root)
             hidden = relative.parts[-1].startswith(".") or "checkpoints" in relative.parts
-            if path.is_file() and not hidden and path.suffix in (".json", ".jsonl", ".csv"):
+            # the root's files (benches) and this run's models: on a machine kept warm
+            # between commands, an earlier command's models are not sent back twice
+            ours = len(relative.parts) == 1 or relative.parts[0] in models
+            if (
+                path.is_file()
+                and ours
+                and not hidden
+                and path.suffix in (".json", ".jsonl", ".csv")
+            ):
                 archive.write(path, relative.as_posix())
     staging = out / f".{RESULTS}.tmp"
     staging.write_bytes(buffer.getvalue())
@@ -851,15 +874,91 @@ def device_command(
     )
 
 
+def _expected_cells(name: str, recipe: Recipe) -> int:
+    """Cells of one importance's data-free sweep of ``name`` under ``recipe``."""
+    if recipe.groups == "all":
+        model = _model(name, recipe)
+        example = jnp.zeros((1, 32, 32, 3))
+        groups = len(ifjax.discover_groups(model, init_variables(model, 0), example))
+    else:
+        groups = len(recipe.groups)
+    return groups * len(recipe.sparsities) * len(METHODS)
+
+
+def device_work(runs: Path = RUNS, recipe: Recipe | None = None) -> dict[str, Any]:
+    """What a GPU session still has to do, from the results under ``runs/gpu``.
+
+    A model needs the GPU unless its results there were trained with ``recipe`` (the
+    ``gpu`` one) and hold all of Table 1: a device run trains afresh (the weights cannot
+    travel there with the data and the wheels), and fine-tuning at full width is out of
+    this CPU's reach, whereas a data-free sweep left incomplete continues here on the
+    returned weights (``--recipe gpu --stages datafree``). The benches are needed until
+    all their rows exist.
+    """
+    recipe = recipe or RECIPES["gpu"]
+    root = runs / recipe.name
+    work: dict[str, Any] = {"models": [], "datafree_here": [], "bench": False, "replicas": False}
+    for name in MODELS:
+        trained = _read_json(root / name / "train.json")
+        current = (
+            trained is not None
+            and (root / name / WEIGHTS).exists()
+            and trained["recipe"] == _recorded_recipe(recipe, recipe.epochs[name])
+        )
+        table1 = reproduce.read_journal(root / name / "table1.jsonl") if current else {}
+        if len(table1) < len(recipe.table1_sparsities) * len(TABLE1_METHODS):
+            work["models"].append(name)
+            continue
+        rows = collections.Counter(r["importance"] for r in _datafree_rows(root / name))
+        cells = _expected_cells(name, recipe)
+        if any(rows[i] < cells for i in IMPORTANCES):
+            work["datafree_here"].append(name)
+    bench = _read_json(root / "bench.json") or []
+    have = {(r["model"], r["batch_size"], r["framework"]) for r in bench if "error" not in r}
+    wanted = {(m, b, f) for m in MODELS for b in recipe.bench_batches for f in ("ifjax", "torch")}
+    work["bench"] = not wanted <= have
+    replicas = _read_json(root / "replicas.json") or []
+    work["replicas"] = not set(recipe.replicas) <= {r["k"] for r in replicas}
+    return work
+
+
+def device_commands(work: Mapping[str, Any]) -> dict[str, str]:
+    """The device commands for ``work`` (see :func:`device_work`), at most one per model,
+    most needed first: ResNet18 (nothing of it runs here), then VGG11-BN with the
+    replicas bench first, the training-step bench last (it has run before)."""
+    runs = [
+        (name, ["train", "table1", "datafree"])
+        for name in ("resnet18", "vgg11_bn")
+        if name in work["models"]
+    ]
+    if work["replicas"] or work["bench"]:
+        if not runs or runs[-1][0] != "vgg11_bn":
+            runs.append(("vgg11_bn", []))
+        stages = runs[-1][1]
+        stages[:0] = ["replicas"] if work["replicas"] else []
+        stages += ["bench"] if work["bench"] else []
+    return {
+        str(number): device_command(
+            name,
+            stages,
+            DEVICE_DEADLINE_S,
+            extra=" --bench-models " + " ".join(MODELS) if "bench" in stages else "",
+        )
+        for number, (name, stages) in enumerate(runs, start=1)
+    }
+
+
 def prepare_device(
     dest: Path = DEVICE_DIR,
     *,
     wheels: bool = True,
     per_class: int | None = None,
     data_zip: str | os.PathLike | None = None,
+    runs: Path = RUNS,
 ) -> dict:
-    """Prepares the folder that travels to the GPU: the packed data, the wheels, the
-    commands; checks that it fits in what may travel."""
+    """Prepares the folder that travels to the GPU: the packed data, the wheels, and the
+    commands for what is still to do there (:func:`device_work` on ``runs``); checks that
+    it fits in what may travel."""
     dest.mkdir(parents=True, exist_ok=True)
     packed = dest / "cifar10.npz"
     if not packed.exists() or per_class is not None or data_zip is not None:
@@ -901,15 +1000,8 @@ def prepare_device(
     inside = dest.resolve().is_relative_to(ROOT)
     tree = _tree_bytes()
     total = tree + (carried if inside else 0)
-    commands = {
-        "1": device_command(
-            "vgg11_bn",
-            ("bench", "train", "datafree", "table1"),
-            290,
-            extra=" --bench-models vgg11_bn resnet18",
-        ),
-        "2": device_command("resnet18", ("train", "datafree", "table1", "replicas"), 290),
-    }
+    work = device_work(runs)
+    commands = device_commands(work)
     plan = dict(
         folder=str(dest),
         packed_data_bytes=packed.stat().st_size,
@@ -918,10 +1010,12 @@ def prepare_device(
         tree_bytes=tree,
         total_bytes=total,
         fits=total < TREE_LIMIT,
+        work=work,
         commands=commands,
         carry=[dest.name] if inside else [],
-        # each command stops starting work after 290 s and writes its results as it goes
-        timeout_s=330,
+        # each command stops starting work after DEVICE_DEADLINE_S and writes its results
+        # as it goes; the device tool's limit leaves room for the work under way
+        timeout_s=DEVICE_TIMEOUT_S,
     )
     _write_json(dest / "plan.json", plan)
     if not plan["fits"]:
@@ -986,6 +1080,7 @@ def write_reports(runs: Path = RUNS, reports: Path = REPORTS) -> list[Path]:
     import fullwidth_report
 
     found = _results(runs)
+    found["device_work"] = device_work(runs)
     written = []
     if found["models"]:
         written += fullwidth_report.write_fullwidth(found, reports)
@@ -1006,7 +1101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--models", nargs="+", choices=MODELS, help="default: GPU both, CPU vgg11_bn"
     )
     parser.add_argument(
-        "--stages", nargs="+", choices=STAGES, help="default: train datafree table1 report"
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        help="run in the order given (default: train datafree table1 report)",
     )
     parser.add_argument(
         "--bench-models", nargs="+", choices=MODELS, help="models of the bench stage"
@@ -1033,8 +1131,17 @@ def main(args: argparse.Namespace) -> int:
         if action == "prepare":
             dest = Path(rest[0]) if rest else DEVICE_DIR
             per_class = RECIPES["tiny"].per_class if args.tiny else None
-            plan = prepare_device(dest, wheels=not args.no_wheels, per_class=per_class)
+            plan = prepare_device(
+                dest, wheels=not args.no_wheels, per_class=per_class, runs=args.runs
+            )
             print(json.dumps(plan, indent=1))
+            if not plan["commands"]:
+                _say("nothing is left for a GPU: every GPU stage has its results")
+            for name in plan["work"]["datafree_here"]:
+                _say(
+                    f"{name}'s data-free sweep goes on here: python reports/reproduce.py "
+                    f"fullwidth --recipe gpu --models {name} --stages datafree report"
+                )
             return 0
         if action == "unpack" and rest:
             recipe = "tiny" if args.tiny else "gpu"

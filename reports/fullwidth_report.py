@@ -349,11 +349,32 @@ def _summary(found: Mapping[str, Any]) -> list[str]:
     if not found["replicas"]:
         missing.append("the replicas bench")
     if missing:
-        lines.append(
-            f"- **Not run yet**: {'; '.join(missing)}. They are what the next GPU session runs "
-            "(see `reports/fullwidth.py`); on the GPU each is a matter of seconds to a minute."
-        )
+        lines.append(f"- **Not run yet**: {'; '.join(missing)}.")
+    if found.get("device_work"):
+        lines.append(f"- {_plan_line(found['device_work'])}")
     return lines
+
+
+def _plan_line(work: Mapping[str, Any]) -> str:
+    """What the next GPU session does (:func:`fullwidth.device_work`), in words."""
+    planned = [
+        f"{LABELS[name]} trained with the current recipe "
+        f"({fullwidth.RECIPES['gpu'].epochs[name]} epochs), its Table 1, then its sweeps"
+        for name in ("resnet18", "vgg11_bn")
+        if name in work["models"]
+    ]
+    planned += ["the replicas bench"] if work["replicas"] else []
+    planned += ["the training-step bench"] if work["bench"] else []
+    here = [f"{LABELS[name]}'s data-free sweep" for name in work["datafree_here"]]
+    text = (
+        f"**Next GPU session** (`--device-run prepare` plans it from what is missing): "
+        f"{'; '.join(planned)}."
+        if planned
+        else "**Nothing is left for a GPU.**"
+    )
+    if here:
+        text += f" Continuing on this CPU with the returned weights: {', '.join(here)}."
+    return text
 
 
 def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
@@ -363,9 +384,10 @@ def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
         "",
         "Regenerate: `python reports/reproduce.py fullwidth` (this CPU: VGG11-BN, resumable "
         "over several runs), or on one GPU `python reports/reproduce.py fullwidth "
-        "--device-run prepare`, the two printed device commands, then `--device-run unpack "
-        "DIR` (see `reports/fullwidth.py`). ResNet18 at full width is a GPU-only stage: on "
-        "this 2-core CPU an epoch takes about 4x VGG11-BN's.",
+        "--device-run prepare`, the device commands it prints, then `--device-run unpack "
+        "DIR` (see `reports/fullwidth.py`). Training ResNet18 at full width is a GPU-only "
+        "stage: on this 2-core CPU an epoch takes about 4x VGG11-BN's; its data-free sweep "
+        "can go on here with the weights a GPU returned.",
         "",
         "Data: the offline CIFAR-10 JPEG export (50,000 / 10,000), read from the zip (or its "
         "packed copy) without tfds; JPEG pixels differ slightly from the original release.",

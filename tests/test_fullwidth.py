@@ -187,11 +187,22 @@ def test_weights_travel_in_pieces_and_corruption_is_caught(fullwidth, tmp_path):
 def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, tmp_path):
     """The whole command at tiny scale: prepare the device folder, run every stage as the
     device would (exporting to an OUT folder), unpack what came back, write the reports."""
-    plan = fullwidth.prepare_device(tmp_path / "device", wheels=False, data_zip=cifar_zip)
+    plan = fullwidth.prepare_device(
+        tmp_path / "device", wheels=False, data_zip=cifar_zip, runs=tmp_path / "none_yet"
+    )
     assert plan["fits"] and plan["packed_data_bytes"] < cifar_zip.stat().st_size
-    assert set(plan["commands"]) == {"1", "2"}
+    # nothing measured yet: ResNet18 first (none of it runs on a CPU), then VGG11-BN with
+    # the replicas bench first and the training-step bench last
+    assert list(plan["commands"]) == ["1", "2"]
+    stages = {n: c.split("--stages ")[1].split(" --")[0] for n, c in plan["commands"].items()}
+    assert stages == {"1": "train table1 datafree", "2": "replicas train table1 datafree bench"}
+    assert "--models resnet18" in plan["commands"]["1"]
+    assert "--models vgg11_bn" in plan["commands"]["2"]
+    assert "--bench-models vgg11_bn resnet18" in plan["commands"]["2"]
     for command in plan["commands"].values():
         assert "--recipe gpu" in command and "--out $OUT" in command and "pip install" in command
+        assert f"--deadline-s {fullwidth.DEVICE_DEADLINE_S}" in command
+    assert plan["timeout_s"] > fullwidth.DEVICE_DEADLINE_S
     out, device_runs = tmp_path / "OUT", tmp_path / "device_runs"
     recipe = fullwidth.RECIPES["tiny"]
     fullwidth.run_stages(
@@ -247,6 +258,18 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
     assert (reports / "data" / "fullwidth_datafree_vgg11_bn.csv").exists()
     assert all(p.exists() for p in paths)
 
+    # what a GPU session would still do: VGG11-BN is complete (trained with the recipe,
+    # Table 1 whole, so is its sweep), ResNet18 never ran, the bench lacks ResNet18
+    work = fullwidth.device_work(runs, recipe)
+    assert work == dict(models=["resnet18"], datafree_here=[], bench=True, replicas=False)
+    journal = runs / "tiny" / "vgg11_bn" / "datafree_lamp.jsonl"
+    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:-1]))
+    assert fullwidth.device_work(runs, recipe)["datafree_here"] == ["vgg11_bn"]  # goes on here
+    stages = [
+        c.split("--stages ")[1].split(" --")[0] for c in fullwidth.device_commands(work).values()
+    ]
+    assert stages == ["train table1 datafree", "bench"]
+
     # run again: every stage finds its results and does nothing new
     journals = lambda: [
         p.read_text() for p in sorted((device_runs / "tiny" / "vgg11_bn").glob("*.jsonl"))
@@ -284,6 +307,11 @@ def test_export_keeps_within_what_comes_back_and_unpack_replaces_a_generation(
     names = sorted(p.name for p in out.iterdir())
     assert names == ["results.zip", "vgg11_bn.trained.npz.part0", "vgg11_bn.trained.npz.part1"]
     assert all(p.stat().st_size <= size // 2 + 1 for p in out.glob("*.part*"))
+    # a command returns its own models only (a machine kept warm still holds the others)
+    only = tmp_path / "OUT_vgg"
+    fullwidth._export(root, only, ["vgg11_bn"])
+    with zipfile.ZipFile(only / "results.zip") as archive:
+        assert archive.namelist() == ["vgg11_bn/train.json"]
     runs = tmp_path / "local"
     fullwidth.unpack(out, runs)
     (runs / "gpu" / "vgg11_bn" / "extra.jsonl").write_text("{}\n")  # an earlier generation's
@@ -330,3 +358,22 @@ def test_report_names_each_sweeps_machines_and_incomplete_sweeps(fullwidth, tmp_
     for _ in range(2):
         fullwidth._record_machine(path, "lamp")
     assert json.loads(path.read_text()) == {"lamp": [fullwidth.machine()]}
+
+
+def test_stages_run_in_the_order_given(fullwidth, tmp_path, monkeypatch):
+    """A device command puts what is most needed first, whatever the stage."""
+    calls = []
+    for stage in ("bench", "train", "datafree", "table1", "replicas"):
+        monkeypatch.setattr(
+            fullwidth, f"{stage}_stage", lambda *a, stage=stage, **k: calls.append(stage)
+        )
+    monkeypatch.setattr(fullwidth, "load_data", lambda *a: None)
+    monkeypatch.setattr(fullwidth, "write_reports", lambda *a: calls.append("report"))
+    (tmp_path / "tiny" / "vgg11_bn").mkdir(parents=True)
+    (tmp_path / "tiny" / "vgg11_bn" / fullwidth.WEIGHTS).write_bytes(b"")
+    order = ["replicas", "train", "table1", "datafree", "bench", "report"]
+    fullwidth.run_stages(fullwidth.RECIPES["tiny"], ["vgg11_bn"], order, runs=tmp_path)
+    assert calls == order
+    for wrong in (["train", "train"], ["evaluate"]):
+        with pytest.raises(ValueError, match="stages must be distinct"):
+            fullwidth.run_stages(fullwidth.RECIPES["tiny"], ["vgg11_bn"], wrong, runs=tmp_path)

@@ -202,6 +202,32 @@ def test_an_interrupted_sweep_resumes_from_its_journal(base, tmp_path, monkeypat
         sweep.datafree_sweep(MODEL, variables, batches, journal=journal, **kwargs)
 
 
+def test_a_sweep_stops_when_told_and_resumes_from_that_cell(base, tmp_path):
+    """``stop_when`` (a time limit, say) ends a sweep between cells; its journal resumes."""
+    variables, _, batches = base
+    kwargs = dict(example_input=EXAMPLE, sparsities=(0.25, 0.5), progress=False)
+    journal = tmp_path / "sweep.jsonl"
+    asked = []
+
+    def after_three() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    first = sweep.datafree_sweep(
+        MODEL, variables, batches, journal=journal, stop_when=after_three, **kwargs
+    )
+    assert len(first) == 3 == len(journal.read_text().splitlines())
+    whole = sweep.datafree_sweep(MODEL, variables, batches, journal=journal, **kwargs)
+    assert whole[:3] == first and len(whole) > 3
+    assert whole == sweep.datafree_sweep(MODEL, variables, batches, **kwargs)
+    # a finished sweep does not ask
+    asked.clear()
+    again = sweep.datafree_sweep(
+        MODEL, variables, batches, journal=journal, stop_when=after_three, **kwargs
+    )
+    assert again == whole and asked == []
+
+
 def test_paper_lamp_scores_lamp_as_the_released_code(base):
     variables, _, batches = base
     kwargs = dict(example_input=EXAMPLE, groups=[0], sparsities=(0.5,), progress=False)

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,7 @@ def datafree_sweep(
     seed: int = 0,
     progress: bool = True,
     journal: str | os.PathLike | None = None,
+    stop_when: Callable[[], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Prunes one group at a time, Default vs Intra-Fusion, and evaluates without fine-tuning.
 
@@ -229,6 +230,10 @@ def datafree_sweep(
         synced). A sweep started again with the same journal skips the cells it holds,
         so an interrupted sweep resumes. The journal records the settings and the base
         model's accuracy; a journal of other settings or another model is an error.
+      stop_when: called before each cell still to run; when it returns True the sweep
+        stops there and returns the rows so far (with a journal, a later call resumes
+        from that cell). For runs under a time limit, e.g. ``lambda: time.monotonic() >
+        end``.
 
     Returns:
       One dict per (group, importance, sparsity, method) with ``group``, ``sparsity``,
@@ -267,6 +272,8 @@ def datafree_sweep(
         if finished is not None:
             rows.append(finished)
             continue
+        if stop_when is not None and stop_when():
+            break
         pruner = _pruner(method, sparsity, scorings[importance], solver, epsilon)
         key = jax.random.fold_in(jax.random.key(seed), cell_index // len(methods))
         plan = pruner.plan(folded, group, gradients=gradients, key=key)
