@@ -29,10 +29,11 @@ under 64 MiB: ``--device-run prepare`` packs the zip's JPEG bytes into an 18 MB 
 commands it prints run the stages under a deadline and return results and weights as at
 most 8 files of at most 16 MiB; ``--device-run unpack`` puts them under
 ``runs/fullwidth/gpu`` and writes the reports. ``prepare`` plans only what is still to do
-on a GPU (:func:`device_work`): a model not yet trained there with the current recipe or
-whose Table 1 is incomplete, the benches not yet measured; the most needed first, each
-command stopping between units of work at its deadline. A data-free sweep left incomplete
-continues on this CPU with the returned weights.
+on a GPU (:func:`device_work`, :func:`device_commands`): one model per session, the one
+whose Table 1 is incomplete first (else one trained with an earlier recipe), trained by
+the first command and continued by the second on the same machine, then the benches that
+lack rows; each command stops between units of work at its deadline. A data-free sweep
+left incomplete continues on this CPU with the returned weights.
 """
 
 from __future__ import annotations
@@ -215,11 +216,15 @@ def _say(message: str) -> None:
     print(f"[fullwidth {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _write_json(path: Path, data: Any) -> None:
+def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=1) + "\n")
+    staging.write_bytes(data)
     os.replace(staging, path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _write_atomically(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -402,10 +407,13 @@ DATAFREE_CELL_S = 15  # seconds kept in hand before each cell under a deadline
 def _record_machine(path: Path, importance: str) -> None:
     """Adds this machine to those that worked on ``importance``'s sweep (a sweep may be
     resumed on another machine)."""
-    machines = _read_json(path) or {}
-    here = machine()
-    if here not in machines.get(importance, []):
-        _write_json(path, machines | {importance: [*machines.get(importance, []), here]})
+    _write_json(path, _with_machine(_read_json(path) or {}, importance, machine()))
+
+
+def _with_machine(machines: Mapping[str, list], importance: str, one: dict) -> dict:
+    """``machines`` with ``one`` among ``importance``'s (once)."""
+    known = machines.get(importance, [])
+    return {**machines, importance: known if one in known else [*known, one]}
 
 
 def datafree_stage(
@@ -781,9 +789,12 @@ def _export(root: Path, out: Path | None, models: Sequence[str]) -> None:
 def unpack(returned: Path, runs: Path = RUNS, recipe: str = "gpu") -> list[Path]:
     """Puts the files a device run returned under ``runs/<recipe>``; returns what it wrote.
 
-    Every device run trains its models afresh (a fresh machine keeps nothing, and the
-    weights cannot travel back there with the data and the wheels), so the results of a
-    model replace the earlier ones, which are kept aside as ``<model>.<time>``.
+    A device run trains its models afresh (a fresh machine keeps nothing, and the weights
+    cannot travel back there with the data and the wheels), so the results of a model
+    trained anew replace the earlier ones, which are kept aside as ``<model>.<time>``. The
+    same generation coming back again (a second command on a machine kept warm, its
+    ``train.json`` unchanged) is merged instead: journals keep the rows evaluated here
+    meanwhile, the machines of each sweep are joined.
     """
     root = runs / recipe
     results = returned / RESULTS
@@ -793,13 +804,23 @@ def unpack(returned: Path, runs: Path = RUNS, recipe: str = "gpu") -> list[Path]
     written = []
     with zipfile.ZipFile(results) as archive:
         members = archive.namelist()
+        merged = set()
         for name in {m.split("/")[0] for m in members} & set(MODELS):
+            summary = f"{name}/train.json"
+            present = _read_json(root / summary)
+            if present is not None and summary in members:
+                if present == json.loads(archive.read(summary)):
+                    merged.add(name)
+                    continue
             if (root / name).exists():
                 (root / name).rename(root / f"{name}.{stamp}")
         for member in members:
             target = root / member
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.read(member))
+            data = archive.read(member)
+            if member.split("/")[0] in merged and target.exists():
+                data = _merged(target, data)
+            _write_atomically(target, data)
             written.append(target)
     for name in MODELS:
         joined = join_parts(returned, f"{name}.{WEIGHTS}", root / name / WEIGHTS)
@@ -807,6 +828,21 @@ def unpack(returned: Path, runs: Path = RUNS, recipe: str = "gpu") -> list[Path]
             load_weights(joined)  # a corrupt or truncated transfer fails here
             written.append(joined)
     return written
+
+
+def _merged(present: Path, returned: bytes) -> bytes:
+    """A returned file of the generation already here, joined with the present one."""
+    if present.suffix == ".jsonl":
+        lines = lambda data: [line + b"\n" for line in data.splitlines() if line.strip()]
+        here = lines(present.read_bytes())
+        return b"".join(here + [line for line in lines(returned) if line not in set(here)])
+    if present.name == DATAFREE_MACHINES:
+        machines = _read_json(present) or {}
+        for importance, found in json.loads(returned).items():
+            for one in found:
+                machines = _with_machine(machines, importance, one)
+        return json.dumps(machines, indent=1).encode()
+    return returned
 
 
 def check_here(runs: Path, recipe: str, data_path: str | os.PathLike | None = None) -> list:
@@ -888,27 +924,32 @@ def _expected_cells(name: str, recipe: Recipe) -> int:
 def device_work(runs: Path = RUNS, recipe: Recipe | None = None) -> dict[str, Any]:
     """What a GPU session still has to do, from the results under ``runs/gpu``.
 
-    A model needs the GPU unless its results there were trained with ``recipe`` (the
-    ``gpu`` one) and hold all of Table 1: a device run trains afresh (the weights cannot
-    travel there with the data and the wheels), and fine-tuning at full width is out of
-    this CPU's reach, whereas a data-free sweep left incomplete continues here on the
-    returned weights (``--recipe gpu --stages datafree``). The benches are needed until
-    all their rows exist.
+    Returns a dict with
+
+    * ``models``: models whose GPU results lack some of Table 1, ResNet18 first: they are
+      trained again with ``recipe`` (the ``gpu`` one) on the device, because a device
+      run starts bare (the weights cannot travel there beside the data and the wheels)
+      and fine-tuning at full width is out of this CPU's reach;
+    * ``stale``: models whose results are whole but come from an earlier recipe (trained
+      again once nothing else needs the GPU);
+    * ``datafree_here``: models with Table 1 whole and a data-free sweep left incomplete,
+      which continues on this CPU with the returned weights
+      (``--recipe gpu --stages datafree``);
+    * ``bench``, ``replicas``: whether the benches lack rows.
     """
     recipe = recipe or RECIPES["gpu"]
     root = runs / recipe.name
-    work: dict[str, Any] = {"models": [], "datafree_here": [], "bench": False, "replicas": False}
-    for name in MODELS:
+    work: dict[str, Any] = dict(models=[], stale=[], datafree_here=[], bench=False, replicas=False)
+    for name in ("resnet18", "vgg11_bn"):
         trained = _read_json(root / name / "train.json")
-        current = (
-            trained is not None
-            and (root / name / WEIGHTS).exists()
-            and trained["recipe"] == _recorded_recipe(recipe, recipe.epochs[name])
-        )
-        table1 = reproduce.read_journal(root / name / "table1.jsonl") if current else {}
-        if len(table1) < len(recipe.table1_sparsities) * len(TABLE1_METHODS):
+        table1 = reproduce.read_journal(root / name / "table1.jsonl") if trained else {}
+        if not (root / name / WEIGHTS).exists() or len(table1) < len(
+            recipe.table1_sparsities
+        ) * len(TABLE1_METHODS):
             work["models"].append(name)
             continue
+        if trained["recipe"] != _recorded_recipe(recipe, recipe.epochs[name]):
+            work["stale"].append(name)
         rows = collections.Counter(r["importance"] for r in _datafree_rows(root / name))
         cells = _expected_cells(name, recipe)
         if any(rows[i] < cells for i in IMPORTANCES):
@@ -923,20 +964,30 @@ def device_work(runs: Path = RUNS, recipe: Recipe | None = None) -> dict[str, An
 
 
 def device_commands(work: Mapping[str, Any]) -> dict[str, str]:
-    """The device commands for ``work`` (see :func:`device_work`), at most one per model,
-    most needed first: ResNet18 (nothing of it runs here), then VGG11-BN with the
-    replicas bench first, the training-step bench last (it has run before)."""
-    runs = [
-        (name, ["train", "table1", "datafree"])
-        for name in ("resnet18", "vgg11_bn")
-        if name in work["models"]
+    """The (at most two) device commands for ``work`` (see :func:`device_work`).
+
+    One model per session, the most needed (``work["models"]`` first, then a stale one):
+    the first command trains it, then runs Table 1 and its data-free sweep until its
+    deadline; the second goes on with Table 1 on the weights the first left on the machine
+    (a machine kept warm between commands keeps ``runs/``; on a fresh one there are none
+    and the model's stages are skipped), runs the replicas bench if it lacks rows, goes on
+    with the sweep, and ends with the training-step bench if it lacks rows.
+    """
+    target = next(iter([*work["models"], *work["stale"]]), None)
+    runs = [(target, ["train", "table1", "datafree"])] if target else []
+    # what only a GPU does first: Table 1, the replicas bench; the sweep can go on here
+    second = [
+        stage
+        for stage, wanted in (
+            ("table1", target),
+            ("replicas", work["replicas"]),
+            ("datafree", target),
+            ("bench", work["bench"]),
+        )
+        if wanted
     ]
-    if work["replicas"] or work["bench"]:
-        if not runs or runs[-1][0] != "vgg11_bn":
-            runs.append(("vgg11_bn", []))
-        stages = runs[-1][1]
-        stages[:0] = ["replicas"] if work["replicas"] else []
-        stages += ["bench"] if work["bench"] else []
+    if second:
+        runs.append((target or "vgg11_bn", second))
     return {
         str(number): device_command(
             name,

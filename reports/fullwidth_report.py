@@ -357,23 +357,31 @@ def _summary(found: Mapping[str, Any]) -> list[str]:
 
 def _plan_line(work: Mapping[str, Any]) -> str:
     """What the next GPU session does (:func:`fullwidth.device_work`), in words."""
+    waiting = [*work["models"], *work["stale"]]
     planned = [
         f"{LABELS[name]} trained with the current recipe "
-        f"({fullwidth.RECIPES['gpu'].epochs[name]} epochs), its Table 1, then its sweeps"
-        for name in ("resnet18", "vgg11_bn")
-        if name in work["models"]
+        f"({fullwidth.RECIPES['gpu'].epochs[name]} epochs), then its Table 1 and data-free "
+        "sweep"
+        for name in waiting[:1]
     ]
     planned += ["the replicas bench"] if work["replicas"] else []
     planned += ["the training-step bench"] if work["bench"] else []
-    here = [f"{LABELS[name]}'s data-free sweep" for name in work["datafree_here"]]
     text = (
-        f"**Next GPU session** (`--device-run prepare` plans it from what is missing): "
+        "**Next GPU session** (`--device-run prepare` plans it from what is missing): "
         f"{'; '.join(planned)}."
         if planned
         else "**Nothing is left for a GPU.**"
     )
-    if here:
-        text += f" Continuing on this CPU with the returned weights: {', '.join(here)}."
+    epochs = fullwidth.RECIPES["gpu"].epochs
+    for name in waiting[1:]:
+        text += (
+            f" A later session trains {LABELS[name]} with the current recipe "
+            f"({epochs[name]} epochs)"
+            + ("; until then its present results, whole, stand." if name in work["stale"] else ".")
+        )
+    if work["datafree_here"]:
+        here = ", ".join(f"{LABELS[name]}'s" for name in work["datafree_here"])
+        text += f" Continuing on this CPU with the returned weights: {here} data-free sweep."
     return text
 
 

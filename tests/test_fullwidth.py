@@ -191,13 +191,14 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
         tmp_path / "device", wheels=False, data_zip=cifar_zip, runs=tmp_path / "none_yet"
     )
     assert plan["fits"] and plan["packed_data_bytes"] < cifar_zip.stat().st_size
-    # nothing measured yet: ResNet18 first (none of it runs on a CPU), then VGG11-BN with
-    # the replicas bench first and the training-step bench last
+    # nothing measured yet: ResNet18 first (none of it runs on a CPU), trained by the
+    # first command, its Table 1 and sweep continued by the second, the benches there too
     assert list(plan["commands"]) == ["1", "2"]
-    stages = {n: c.split("--stages ")[1].split(" --")[0] for n, c in plan["commands"].items()}
-    assert stages == {"1": "train table1 datafree", "2": "replicas train table1 datafree bench"}
-    assert "--models resnet18" in plan["commands"]["1"]
-    assert "--models vgg11_bn" in plan["commands"]["2"]
+    assert _stages(plan["commands"]) == [
+        "train table1 datafree",
+        "table1 replicas datafree bench",
+    ]
+    assert all("--models resnet18 " in c for c in plan["commands"].values())
     assert "--bench-models vgg11_bn resnet18" in plan["commands"]["2"]
     for command in plan["commands"].values():
         assert "--recipe gpu" in command and "--out $OUT" in command and "pip install" in command
@@ -261,14 +262,25 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
     # what a GPU session would still do: VGG11-BN is complete (trained with the recipe,
     # Table 1 whole, so is its sweep), ResNet18 never ran, the bench lacks ResNet18
     work = fullwidth.device_work(runs, recipe)
-    assert work == dict(models=["resnet18"], datafree_here=[], bench=True, replicas=False)
+    assert work == dict(models=["resnet18"], stale=[], datafree_here=[], bench=True, replicas=False)
+    assert _stages(fullwidth.device_commands(work)) == [
+        "train table1 datafree",
+        "table1 datafree bench",
+    ]
     journal = runs / "tiny" / "vgg11_bn" / "datafree_lamp.jsonl"
     journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:-1]))
     assert fullwidth.device_work(runs, recipe)["datafree_here"] == ["vgg11_bn"]  # goes on here
-    stages = [
-        c.split("--stages ")[1].split(" --")[0] for c in fullwidth.device_commands(work).values()
+    # whole results of an earlier recipe: trained again once nothing else needs the GPU
+    older = dict(trained, recipe=dict(trained["recipe"], epochs=99))
+    (runs / "tiny" / "vgg11_bn" / "train.json").write_text(json.dumps(older))
+    assert fullwidth.device_work(runs, recipe)["stale"] == ["vgg11_bn"]
+    alone = dict(models=[], stale=["vgg11_bn"], datafree_here=[], bench=False, replicas=True)
+    assert _stages(fullwidth.device_commands(alone)) == [
+        "train table1 datafree",
+        "table1 replicas datafree",
     ]
-    assert stages == ["train table1 datafree", "bench"]
+    done = dict(alone, stale=[], replicas=False)
+    assert fullwidth.device_commands(done) == {}
 
     # run again: every stage finds its results and does nothing new
     journals = lambda: [
@@ -281,6 +293,10 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
         data_path=tmp_path / "device" / "cifar10.npz", runs=device_runs,
     )  # fmt: skip
     assert journals() == before
+
+
+def _stages(commands) -> list[str]:
+    return [c.split("--stages ")[1].split(" --")[0] for c in commands.values()]
 
 
 def test_deadline_leaves_work_for_the_next_run(fullwidth):
@@ -314,6 +330,18 @@ def test_export_keeps_within_what_comes_back_and_unpack_replaces_a_generation(
         assert archive.namelist() == ["vgg11_bn/train.json"]
     runs = tmp_path / "local"
     fullwidth.unpack(out, runs)
+    # the same generation again (a second command on a warm machine): merged, journals
+    # keep the rows evaluated here meanwhile
+    here = runs / "gpu" / "vgg11_bn" / "datafree_l1.jsonl"
+    here.write_text('{"row": "evaluated here"}\n')
+    (root / "vgg11_bn" / "datafree_l1.jsonl").write_text('{"row": "on the device"}\n')
+    again = tmp_path / "OUT_again"
+    fullwidth._export(root, again, ["vgg11_bn"])
+    fullwidth.unpack(again, runs)
+    assert sorted(p.name for p in (runs / "gpu").iterdir()) == ["resnet18", "vgg11_bn"]
+    assert here.read_text() == '{"row": "evaluated here"}\n{"row": "on the device"}\n'
+    # a generation trained anew replaces the present one, kept aside
+    (runs / "gpu" / "vgg11_bn" / "train.json").write_text(json.dumps({"model": "earlier"}))
     (runs / "gpu" / "vgg11_bn" / "extra.jsonl").write_text("{}\n")  # an earlier generation's
     fullwidth.unpack(out, runs)
     kept_aside = [p for p in (runs / "gpu").iterdir() if p.name.startswith("vgg11_bn.")]
@@ -358,6 +386,10 @@ def test_report_names_each_sweeps_machines_and_incomplete_sweeps(fullwidth, tmp_
     for _ in range(2):
         fullwidth._record_machine(path, "lamp")
     assert json.loads(path.read_text()) == {"lamp": [fullwidth.machine()]}
+    # the same generation coming back from a device joins the machines
+    fullwidth._write_json(path, {"l1": [cpu]})
+    returned = json.dumps({"l1": [gpu, cpu], "lamp": [gpu]}).encode()
+    assert json.loads(fullwidth._merged(path, returned)) == {"l1": [cpu, gpu], "lamp": [gpu]}
 
 
 def test_stages_run_in_the_order_given(fullwidth, tmp_path, monkeypatch):
