@@ -1063,6 +1063,10 @@ def prepare_device(
         fits=total < TREE_LIMIT,
         work=work,
         commands=commands,
+        order=(
+            "run the commands in order, each right after the one before: a machine kept "
+            "warm keeps runs/, and command 2 goes on with the model command 1 trained"
+        ),
         carry=[dest.name] if inside else [],
         # each command stops starting work after DEVICE_DEADLINE_S and writes its results
         # as it goes; the device tool's limit leaves room for the work under way
