@@ -204,24 +204,40 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
         assert "--recipe gpu" in command and "--out $OUT" in command and "pip install" in command
         assert f"--deadline-s {fullwidth.DEVICE_DEADLINE_S}" in command
     assert plan["timeout_s"] > fullwidth.DEVICE_DEADLINE_S
-    out, device_runs = tmp_path / "OUT", tmp_path / "device_runs"
+    # the two commands as the device runs them, on one machine kept warm: the first
+    # trains, its deadline cuts the rest short; the second goes on with the same weights
+    device_runs, packed = tmp_path / "device_runs", tmp_path / "device" / "cifar10.npz"
     recipe = fullwidth.RECIPES["tiny"]
+    first, second = ["train", "table1", "datafree"], ["table1", "replicas", "datafree", "bench"]
+    for out, stages, deadline_s in (
+        (tmp_path / "OUT1", first, 0),
+        (tmp_path / "OUT2", second, 3600),
+    ):
+        fullwidth.run_stages(
+            recipe, ["vgg11_bn"], stages, data_path=packed, deadline_s=deadline_s, out=out,
+            runs=device_runs,
+        )  # fmt: skip
+        returned = sorted(p.name for p in out.iterdir())
+        assert returned == ["results.zip", "vgg11_bn.trained.npz.part0"]
+        assert all(p.stat().st_size <= fullwidth.FILE_LIMIT for p in out.iterdir())
+    with zipfile.ZipFile(tmp_path / "OUT1" / "results.zip") as archive:
+        assert not any("table1" in n or "datafree_" in n for n in archive.namelist())
+    # on a fresh machine the second command finds no weights: it skips the model
+    fresh = tmp_path / "OUT_fresh"
     fullwidth.run_stages(
-        recipe,
-        ["vgg11_bn"],
-        ["bench", "train", "datafree", "table1", "replicas"],
-        data_path=tmp_path / "device" / "cifar10.npz",
-        deadline_s=3600,
-        out=out,
-        runs=device_runs,
-    )
-    returned = sorted(p.name for p in out.iterdir())
-    assert returned == ["results.zip", "vgg11_bn.trained.npz.part0"]
-    assert all(p.stat().st_size <= fullwidth.FILE_LIMIT for p in out.iterdir())
+        recipe, ["vgg11_bn"], ["table1", "datafree"], data_path=packed, out=fresh,
+        runs=tmp_path / "fresh_runs",
+    )  # fmt: skip
+    with zipfile.ZipFile(fresh / "results.zip") as archive:
+        assert archive.namelist() == []
 
     runs, reports = tmp_path / "runs", tmp_path / "reports"
-    written = fullwidth.unpack(out, runs, recipe="tiny")
+    written = fullwidth.unpack(tmp_path / "OUT1", runs, recipe="tiny")
     assert runs / "tiny" / "vgg11_bn" / "trained.npz" in written
+    written = fullwidth.unpack(tmp_path / "OUT2", runs, recipe="tiny")  # the same generation
+    assert runs / "tiny" / "vgg11_bn" / "table1.jsonl" in written
+    assert sorted(p.name for p in (runs / "tiny").iterdir() if p.is_dir()) == ["vgg11_bn"]
+    fullwidth.unpack(fresh, runs, recipe="tiny")  # nothing of the model: it stays
     trained = json.loads((runs / "tiny" / "vgg11_bn" / "train.json").read_text())
     assert trained["recipe"]["batch_size"] == recipe.batch_size
     assert 0 <= trained["test_top1"] <= 100 and trained["test_images"] == 200
