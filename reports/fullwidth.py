@@ -1104,6 +1104,33 @@ def _results(runs: Path) -> dict[str, Any]:
                 datafree_machines=_read_json(root / name / DATAFREE_MACHINES) or {},
                 table1=list(reproduce.read_journal(root / name / "table1.jsonl").values()),
             )
+    found["cpu_runs"] = _cpu_runs(runs)
+    return found
+
+
+def _cpu_runs(runs: Path) -> dict[str, dict[str, Any]]:
+    """This CPU's own runs (the ``cpu`` recipe), finished or under way: what they reached."""
+    recipe = RECIPES["cpu"]
+    found = {}
+    for name in MODELS:
+        workdir = runs / recipe.name / name
+        if not (workdir / "train").is_dir():
+            continue
+        checkpoints = training._checkpoints(workdir / "train" / "checkpoints")
+        metrics = workdir / "train" / "metrics.jsonl"
+        history = (
+            [json.loads(line) for line in metrics.read_text().splitlines()]
+            if metrics.exists()
+            else []
+        )
+        found[name] = dict(
+            train=_read_json(workdir / "train.json"),
+            history=history,
+            step=int(checkpoints[-1].name.split("_")[1]) if checkpoints else 0,
+            steps=recipe.epochs[name] * (50_000 // recipe.batch_size),
+            datafree=len(_datafree_rows(workdir)),
+            table1=len(reproduce.read_journal(workdir / "table1.jsonl")),
+        )
     return found
 
 

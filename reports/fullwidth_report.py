@@ -385,6 +385,43 @@ def _plan_line(work: Mapping[str, Any]) -> str:
     return text
 
 
+def _cpu_mode_section(runs: Mapping[str, Any], shown: Mapping[str, Any]) -> list[str]:
+    """This CPU's own full-width runs (the ``cpu`` recipe), finished or under way."""
+    if not runs:
+        return []
+    recipe = fullwidth.RECIPES["cpu"]
+    lines = ["## CPU mode: the same command on this 2-core CPU", ""]
+    for name in runs:
+        recorded = fullwidth._recorded_recipe(recipe, recipe.epochs[name])
+        lines.append(f"{LABELS[name]}, recipe `cpu`: {_recipe_line({'recipe': recorded})}.")
+    lines += [
+        "It checkpoints every 100 steps and resumes across runs of at most about 2 hours.",
+        "",
+        "| model | steps done | epochs evaluated | last test top-1 | images/s (median epoch) "
+        "| data-free evaluations | Table 1 rows | the report's model |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, run in runs.items():
+        history, trained = run["history"], run["train"]
+        step = trained["epochs_run"] * trained["steps_per_epoch"] if trained else run["step"]
+        last = f"{100 * history[-1]['test_top1']:.2f}%" if history else "-"
+        rates = [r["images_per_second"] for r in history]
+        rate = f"{np.median(rates):.0f}" if rates else "-"
+        used = shown.get(name, {}).get("recipe") == "cpu"
+        lines.append(
+            f"| {LABELS[name]} x1 | {step} of {run['steps']} | {len(history)} | {last} | "
+            f"{rate} | {run['datafree']} | {run['table1']} | "
+            f"{'this run' if used else 'the GPU run'} |"
+        )
+    lines += [
+        "",
+        "Training ResNet18 at full width is left to a GPU (an epoch here takes about 4x "
+        "VGG11-BN's).",
+        "",
+    ]
+    return lines
+
+
 def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
     plot = _plot_training(found, reports / "figures" / "fullwidth_training.png")
     lines = [
@@ -415,6 +452,7 @@ def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
         f"![training]({plot.relative_to(reports).as_posix()})",
         "",
     ]
+    lines += _cpu_mode_section(found.get("cpu_runs", {}), found["models"])
     for name, result in found["models"].items():
         lines += [
             f"## {LABELS[name]}: data-free pruning (model trained on {_device(result)})",

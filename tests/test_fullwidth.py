@@ -425,3 +425,18 @@ def test_stages_run_in_the_order_given(fullwidth, tmp_path, monkeypatch):
     for wrong in (["train", "train"], ["evaluate"]):
         with pytest.raises(ValueError, match="stages must be distinct"):
             fullwidth.run_stages(fullwidth.RECIPES["tiny"], ["vgg11_bn"], wrong, runs=tmp_path)
+
+
+def test_the_report_shows_this_cpus_run_under_way(fullwidth, tmp_path):
+    import fullwidth_report
+
+    train = tmp_path / "cpu" / "vgg11_bn" / "train"
+    (train / "checkpoints" / "step_000000100").mkdir(parents=True)
+    (train / "checkpoints" / ".step_000000200.tmp").mkdir()  # unfinished: not counted
+    epoch = dict(epoch=1, step=390, test_top1=0.5, images_per_second=150.0)
+    (train / "metrics.jsonl").write_text(json.dumps(epoch) + "\n")
+    runs = fullwidth._cpu_runs(tmp_path)
+    assert list(runs) == ["vgg11_bn"]
+    assert runs["vgg11_bn"]["step"] == 100 and runs["vgg11_bn"]["steps"] == 30 * 390
+    lines = fullwidth_report._cpu_mode_section(runs, {"vgg11_bn": {"recipe": "gpu"}})
+    assert "| VGG11-BN x1 | 100 of 11700 | 1 | 50.00% | 150 | 0 | 0 | the GPU run |" in lines
