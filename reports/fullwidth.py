@@ -901,8 +901,10 @@ def device_command(
     return (
         install
         + "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; "
-        # JAX takes half the GPU's memory, leaving PyTorch (the bench) the rest
+        # JAX takes half the GPU's memory, leaving PyTorch (the bench) the rest; compiled
+        # programs persist on the machine, so a second command there reuses the first's
         + "XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 PYTHONUNBUFFERED=1 "
+        + "JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache "
         + "python3 reports/reproduce.py fullwidth --recipe gpu "
         + f"--models {model} --stages {' '.join(stages)} --data {folder}/cifar10.npz "
         + f"--deadline-s {deadline_s} "
