@@ -526,5 +526,8 @@ def write_gpu(found: Mapping[str, Any], reports: Path) -> Path:
                 f"{r['images_per_second']:.0f} | {speedup} | {r['compile']:.1f} |"
             )
     else:
-        lines.append("Not measured yet.")
+        lines.append(
+            "Not measured yet: the next GPU session runs it (`--device-run prepare` plans "
+            "it). This CPU's numbers, for comparison: [bench/README.md](../bench/README.md)."
+        )
     return reproduce._write_text(reports / "gpu.md", "\n".join(lines) + "\n")
