@@ -902,9 +902,10 @@ def device_command(
         install
         + "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; "
         # JAX takes half the GPU's memory, leaving PyTorch (the bench) the rest; compiled
-        # programs persist on the machine, so a second command there reuses the first's
+        # programs persist on the machine (train.jobs' cache), so a second command there
+        # reuses the first's
         + "XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 PYTHONUNBUFFERED=1 "
-        + "JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache "
+        + "IFJAX_COMPILATION_CACHE=/tmp/ifjax-jax-cache "
         + "python3 reports/reproduce.py fullwidth --recipe gpu "
         + f"--models {model} --stages {' '.join(stages)} --data {folder}/cifar10.npz "
         + f"--deadline-s {deadline_s} "
@@ -1216,7 +1217,11 @@ def main(args: argparse.Namespace) -> int:
             dest = Path(rest[0]) if rest else DEVICE_DIR
             per_class = RECIPES["tiny"].per_class if args.tiny else None
             plan = prepare_device(
-                dest, wheels=not args.no_wheels, per_class=per_class, runs=args.runs
+                dest,
+                wheels=not args.no_wheels,
+                per_class=per_class,
+                data_zip=args.data,
+                runs=args.runs,
             )
             print(json.dumps(plan, indent=1))
             if not plan["commands"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -184,12 +185,30 @@ def test_weights_travel_in_pieces_and_corruption_is_caught(fullwidth, tmp_path):
         fullwidth.unpack(tmp_path / "joined", tmp_path / "runs")
 
 
-def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, tmp_path):
-    """The whole command at tiny scale: prepare the device folder, run every stage as the
-    device would (exporting to an OUT folder), unpack what came back, write the reports."""
-    plan = fullwidth.prepare_device(
-        tmp_path / "device", wheels=False, data_zip=cifar_zip, runs=tmp_path / "none_yet"
-    )
+def _device_argv(command: str, out: Path, data: Path, runs: Path, deadline=None) -> list[str]:
+    """A planned device command's arguments of reports/reproduce.py, run here at tiny scale
+    (``--tiny`` wins over ``--recipe gpu``) with this test's folders."""
+    python = command.split("python3 reports/reproduce.py ", 1)[1].split(" 2>&1")[0]
+    argv = shlex.split(python.replace("$OUT", str(out)).replace(".device/cifar10.npz", str(data)))
+    if deadline is not None:
+        argv[argv.index("--deadline-s") + 1] = str(deadline)
+    return [*argv, "--tiny", "--runs", str(runs)]
+
+
+def test_fullwidth_tiny_end_to_end_with_device_packaging(
+    fullwidth, cifar_zip, tmp_path, monkeypatch
+):
+    """The whole command at tiny scale through its command line: prepare the device folder,
+    run the two planned device commands as a GPU session would (exporting to OUT folders),
+    unpack what came back, write the reports."""
+    import reproduce  # reports/reproduce.py, the command line
+
+    monkeypatch.setenv("IFJAX_COMPILATION_CACHE", "off")
+    cli = lambda *argv: reproduce.main(["fullwidth", "--tiny", *map(str, argv)])
+    device = tmp_path / "device"
+    cli("--no-wheels", "--data", cifar_zip, "--runs", tmp_path / "none_yet",
+        "--device-run", "prepare", device)  # fmt: skip
+    plan = json.loads((device / "plan.json").read_text())
     assert plan["fits"] and plan["packed_data_bytes"] < cifar_zip.stat().st_size
     # nothing measured yet: ResNet18 first (none of it runs on a CPU), trained by the
     # first command, its Table 1 and sweep continued by the second, the benches there too
@@ -204,58 +223,56 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
         assert "--recipe gpu" in command and "--out $OUT" in command and "pip install" in command
         assert f"--deadline-s {fullwidth.DEVICE_DEADLINE_S}" in command
     assert plan["timeout_s"] > fullwidth.DEVICE_DEADLINE_S
-    # the two commands as the device runs them, on one machine kept warm: the first
-    # trains, its deadline cuts the rest short; the second goes on with the same weights
-    device_runs, packed = tmp_path / "device_runs", tmp_path / "device" / "cifar10.npz"
-    recipe = fullwidth.RECIPES["tiny"]
-    first, second = ["train", "table1", "datafree"], ["table1", "replicas", "datafree", "bench"]
-    for out, stages, deadline_s in (
-        (tmp_path / "OUT1", first, 0),
-        (tmp_path / "OUT2", second, 3600),
-    ):
-        fullwidth.run_stages(
-            recipe, ["vgg11_bn"], stages, data_path=packed, deadline_s=deadline_s, out=out,
-            runs=device_runs,
-        )  # fmt: skip
+
+    # the planned commands as a session runs them, on one machine kept warm: the first
+    # trains and its deadline (0 here) cuts the rest; the second goes on with its weights
+    device_runs, packed = tmp_path / "device_runs", device / "cifar10.npz"
+    outs = [tmp_path / "OUT1", tmp_path / "OUT2"]
+    reproduce.main(_device_argv(plan["commands"]["1"], outs[0], packed, device_runs, deadline=0))
+    second = _device_argv(plan["commands"]["2"], outs[1], packed, device_runs, deadline=3600)
+    reproduce.main(second)  # all of it (a shared CI machine may be slow)
+    for out in outs:
         returned = sorted(p.name for p in out.iterdir())
-        assert returned == ["results.zip", "vgg11_bn.trained.npz.part0"]
+        assert returned == ["resnet18.trained.npz.part0", "results.zip"]
         assert all(p.stat().st_size <= fullwidth.FILE_LIMIT for p in out.iterdir())
-    with zipfile.ZipFile(tmp_path / "OUT1" / "results.zip") as archive:
+    with zipfile.ZipFile(outs[0] / "results.zip") as archive:
         assert not any("table1" in n or "datafree_" in n for n in archive.namelist())
     # on a fresh machine the second command finds no weights: it skips the model
     fresh = tmp_path / "OUT_fresh"
-    fullwidth.run_stages(
-        recipe, ["vgg11_bn"], ["table1", "datafree"], data_path=packed, out=fresh,
-        runs=tmp_path / "fresh_runs",
-    )  # fmt: skip
+    cli("--models", "resnet18", "--stages", "table1", "datafree", "--data", packed,
+        "--out", fresh, "--runs", tmp_path / "fresh_runs")  # fmt: skip
     with zipfile.ZipFile(fresh / "results.zip") as archive:
         assert archive.namelist() == []
 
     runs, reports = tmp_path / "runs", tmp_path / "reports"
-    written = fullwidth.unpack(tmp_path / "OUT1", runs, recipe="tiny")
-    assert runs / "tiny" / "vgg11_bn" / "trained.npz" in written
-    written = fullwidth.unpack(tmp_path / "OUT2", runs, recipe="tiny")  # the same generation
-    assert runs / "tiny" / "vgg11_bn" / "table1.jsonl" in written
-    assert sorted(p.name for p in (runs / "tiny").iterdir() if p.is_dir()) == ["vgg11_bn"]
-    fullwidth.unpack(fresh, runs, recipe="tiny")  # nothing of the model: it stays
-    trained = json.loads((runs / "tiny" / "vgg11_bn" / "train.json").read_text())
+    for returned in (*outs, fresh):  # the second is the same generation, merged
+        cli("--runs", runs, "--reports", reports, "--data", cifar_zip,
+            "--device-run", "unpack", returned)  # fmt: skip
+    workdir = runs / "tiny" / "resnet18"
+    assert sorted(p.name for p in (runs / "tiny").iterdir() if p.is_dir()) == ["resnet18"]
+    recipe = fullwidth.RECIPES["tiny"]
+    trained = json.loads((workdir / "train.json").read_text())
     assert trained["recipe"]["batch_size"] == recipe.batch_size
     assert 0 <= trained["test_top1"] <= 100 and trained["test_images"] == 200
     # the returned weights are the trained ones: same accuracy when evaluated here
-    model = create_model("vgg11_bn", 10, recipe.width)
+    model = create_model("resnet18", 10, recipe.width)
     test = data_lib.read_cifar10_zip("test", cifar_zip)
-    variables = fullwidth.load_weights(runs / "tiny" / "vgg11_bn" / "trained.npz")
+    variables = fullwidth.load_weights(workdir / "trained.npz")
     top1 = 100 * training.evaluate(model, variables, fullwidth.sweep.eval_batch_list(test))["top1"]
     assert top1 == pytest.approx(trained["test_top1"], abs=1e-6)
+    check = json.loads((workdir / "local_check.json").read_text())
+    assert check["top1"] == pytest.approx(top1, abs=1e-6)
 
-    rows = fullwidth._datafree_rows(runs / "tiny" / "vgg11_bn")
+    rows = fullwidth._datafree_rows(workdir)
     cells = {(r["importance"], r["method"]) for r in rows}
     assert cells == {(i, m) for i in fullwidth.IMPORTANCES for m in fullwidth.METHODS}
-    table1 = [json.loads(line) for line in (runs / "tiny" / "vgg11_bn" / "table1.jsonl").open()]
+    table1 = [json.loads(line) for line in (workdir / "table1.jsonl").open()]
     assert sorted(r["method"] for r in table1) == ["default", "intra_fusion"]
     assert all(r["params"] < r["dense_params"] for r in table1)
     bench = json.loads((runs / "tiny" / "bench.json").read_text())
-    assert {r["framework"] for r in bench} == {"ifjax", "torch"}
+    assert {(r["model"], r["framework"]) for r in bench} == {
+        (m, f) for m in fullwidth.MODELS for f in ("ifjax", "torch")
+    }
     ours = [r for r in bench if r["framework"] == "ifjax"]
     assert ours and all(r["images_per_second"] > 0 for r in ours)
     replicas = json.loads((runs / "tiny" / "replicas.json").read_text())
@@ -264,50 +281,51 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(fullwidth, cifar_zip, t
     }
     assert sum(r["auto"] for r in replicas) == len(recipe.replicas)  # one pick per k
 
-    paths = fullwidth.write_reports(runs, reports)
-    text = (reports / "fullwidth.md").read_text()
+    text = (reports / "fullwidth.md").read_text()  # written by unpack
     assert f"**{trained['test_top1']:.2f}%**" in text
     for heading in ("## Base models", "data-free pruning", "Table 1, pruned and fine-tuned"):
         assert heading in text
     assert "| l1 | Intra-Fusion (exact) | 1 |" in text  # one group x one sparsity
     gpu = (reports / "gpu.md").read_text()
-    assert "| VGG11-BN | 16 | float32 |" in gpu and "| 2 | vmap |" in gpu
-    assert (reports / "data" / "fullwidth_datafree_vgg11_bn.csv").exists()
-    assert all(p.exists() for p in paths)
+    assert "| ResNet18 | 16 | float32 |" in gpu and "| VGG11-BN | 16 | float32 |" in gpu
+    assert "| 2 | vmap |" in gpu
+    assert (reports / "data" / "fullwidth_datafree_resnet18.csv").exists()
 
-    # what a GPU session would still do: VGG11-BN is complete (trained with the recipe,
-    # Table 1 whole, so is its sweep), ResNet18 never ran, the bench lacks ResNet18
+    # what a GPU session would still do: ResNet18 is complete (trained with the recipe,
+    # Table 1 whole, so is its sweep), so are the benches unless PyTorch's rows failed
+    # (no torch here); VGG11-BN never ran
+    failed = any("error" in r for r in bench)
     work = fullwidth.device_work(runs, recipe)
-    assert work == dict(models=["resnet18"], stale=[], datafree_here=[], bench=True, replicas=False)
+    assert work == dict(
+        models=["vgg11_bn"], stale=[], datafree_here=[], bench=failed, replicas=False
+    )
     assert _stages(fullwidth.device_commands(work)) == [
         "train table1 datafree",
-        "table1 datafree bench",
+        "table1 datafree" + " bench" * failed,
     ]
-    journal = runs / "tiny" / "vgg11_bn" / "datafree_lamp.jsonl"
+    journal = workdir / "datafree_lamp.jsonl"
     journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:-1]))
-    assert fullwidth.device_work(runs, recipe)["datafree_here"] == ["vgg11_bn"]  # goes on here
+    assert fullwidth.device_work(runs, recipe)["datafree_here"] == ["resnet18"]  # goes on here
     # whole results of an earlier recipe: trained again once nothing else needs the GPU
     older = dict(trained, recipe=dict(trained["recipe"], epochs=99))
-    (runs / "tiny" / "vgg11_bn" / "train.json").write_text(json.dumps(older))
-    assert fullwidth.device_work(runs, recipe)["stale"] == ["vgg11_bn"]
-    alone = dict(models=[], stale=["vgg11_bn"], datafree_here=[], bench=False, replicas=True)
+    (workdir / "train.json").write_text(json.dumps(older))
+    assert fullwidth.device_work(runs, recipe)["stale"] == ["resnet18"]
+    alone = dict(models=[], stale=["resnet18"], datafree_here=[], bench=False, replicas=True)
     assert _stages(fullwidth.device_commands(alone)) == [
         "train table1 datafree",
         "table1 replicas datafree",
     ]
-    done = dict(alone, stale=[], replicas=False)
-    assert fullwidth.device_commands(done) == {}
+    assert fullwidth.device_commands(dict(alone, stale=[], replicas=False)) == {}
 
     # run again: every stage finds its results and does nothing new
     journals = lambda: [
-        p.read_text() for p in sorted((device_runs / "tiny" / "vgg11_bn").glob("*.jsonl"))
+        p.read_text() for p in sorted((device_runs / "tiny" / "resnet18").glob("*.jsonl"))
     ]
     before = journals()
     assert len(before) == len(fullwidth.IMPORTANCES) + 1  # the sweep's, one each, and Table 1
     fullwidth.run_stages(
-        recipe, ["vgg11_bn"], ["train", "datafree", "table1"],
-        data_path=tmp_path / "device" / "cifar10.npz", runs=device_runs,
-    )  # fmt: skip
+        recipe, ["resnet18"], ["train", "datafree", "table1"], data_path=packed, runs=device_runs
+    )
     assert journals() == before
 
 
