@@ -752,9 +752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fullwidth.add_arguments(commands.add_parser("fullwidth", help=fullwidth.__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
-    jobs.enable_compilation_cache(jobs.default_compilation_cache())
     if args.command == "fullwidth":
         return fullwidth.main(args)
+    jobs.enable_compilation_cache(jobs.default_compilation_cache())
     if args.command == "base":
         print(json.dumps({k: v for k, v in base_model(args.model).items() if k != "history"}))
     elif args.command == "datafree":
