@@ -23,23 +23,15 @@ Stages, run in the order given (each resumes; a stage cut short is simply run ag
 * ``report``: ``reports/fullwidth.md`` (and ``reports/gpu.md`` when GPU results exist),
   tables, CSVs and plots beside the paper's numbers.
 
-The GPU has none of tensorflow-datasets, ott-jax and POT, and what travels there must stay
-under 64 MiB: ``--device-run prepare`` packs the zip's JPEG bytes into an 18 MB ``.npz``
-(:func:`train.data.pack_cifar10`, read without tfds) and downloads the wheels; the
-commands it prints run the stages under a deadline and return results and weights as at
-most 8 files of at most 16 MiB; ``--device-run unpack`` puts them under
-``runs/fullwidth/gpu`` and writes the reports. ``prepare`` plans only what is still to do
-on a GPU (:func:`device_work`, :func:`device_commands`): one model per session, the one
-whose Table 1 is incomplete first (else one trained with an earlier recipe), trained by
-the first command and continued by the second on the same machine, then the benches that
-lack rows; each command stops between units of work at its deadline. A data-free sweep
-left incomplete continues on this CPU with the returned weights.
+On one GPU the stages run as device commands that return their results to ``--out``
+(:func:`_export`: at most 8 files of at most 16 MiB); packaging them, planning what is
+still to do there and unpacking what came back is ``reports/fullwidth_device.py``
+(``--device-run prepare`` / ``unpack``).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import importlib.util
 import io
@@ -47,7 +39,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import zipfile
@@ -78,18 +69,12 @@ TABLE1_METHODS = ("default", "intra_fusion")
 STAGES = ("bench", "train", "datafree", "table1", "replicas", "report")
 RUNS = ROOT / "runs" / "fullwidth"
 REPORTS = ROOT / "reports"
-DEVICE_DIR = ROOT / ".device"
-# What the GPU image lacks (ott-jax needs jaxopt), pinned to the versions tested here.
-WHEELS = ("ott-jax==0.6.0", "jaxopt==0.8.5", "POT==0.9.7.post1")
-TREE_LIMIT = 64 * 2**20  # what may travel to the GPU machine: tree + carried folder
 FILE_LIMIT = 16 * 2**20  # one returned file
 TOTAL_LIMIT = 64 * 2**20  # all returned files
 MAX_FILES = 8
 RESERVED = 2 * 2**20  # kept free for the log
 WEIGHTS = "trained.npz"
 RESULTS = "results.zip"
-DEVICE_DEADLINE_S = 290  # a device command starts no work after this long
-DEVICE_TIMEOUT_S = 330  # the device tool's limit for one command (two fit in 12 minutes)
 PAPER_BASE = {"vgg11_bn": (89.6, 90.2), "resnet18": (95.0, 95.2)}
 
 
@@ -286,18 +271,6 @@ def split_file(path: Path, out: Path, limit: int = FILE_LIMIT) -> list[Path]:
         piece.write_bytes(data[start : start + limit])
         pieces.append(piece)
     return pieces
-
-
-def join_parts(folder: Path, name: str, out: Path) -> Path | None:
-    """Joins ``<name>.part0, .part1, ...`` of ``folder`` into ``out`` (None: no parts)."""
-    parts = sorted(folder.glob(f"{name}.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
-    if not parts:
-        return None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp")
-    staging.write_bytes(b"".join(p.read_bytes() for p in parts))
-    os.replace(staging, out)
-    return out
 
 
 # --------------------------------------------------------------------------- data
@@ -786,303 +759,6 @@ def _export(root: Path, out: Path | None, models: Sequence[str]) -> None:
             piece.rename(out / f"{name}.{piece.name}")
 
 
-def unpack(returned: Path, runs: Path = RUNS, recipe: str = "gpu") -> list[Path]:
-    """Puts the files a device run returned under ``runs/<recipe>``; returns what it wrote.
-
-    A device run trains its models afresh (a fresh machine keeps nothing, and the weights
-    cannot travel back there with the data and the wheels), so the results of a model
-    trained anew replace the earlier ones, which are kept aside as ``<model>.<time>``. The
-    same generation coming back again (a second command on a machine kept warm, its
-    ``train.json`` unchanged) is merged instead: journals keep the rows evaluated here
-    meanwhile, the machines of each sweep are joined.
-    """
-    root = runs / recipe
-    results = returned / RESULTS
-    if not results.exists():
-        raise FileNotFoundError(f"{returned} holds no {RESULTS}: not a device run's output")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    written = []
-    with zipfile.ZipFile(results) as archive:
-        members = archive.namelist()
-        merged = set()
-        for name in {m.split("/")[0] for m in members} & set(MODELS):
-            summary = f"{name}/train.json"
-            present = _read_json(root / summary)
-            if present is not None and summary in members:
-                if present == json.loads(archive.read(summary)):
-                    merged.add(name)
-                    continue
-            if (root / name).exists():
-                (root / name).rename(root / f"{name}.{stamp}")
-        for member in members:
-            target = root / member
-            target.parent.mkdir(parents=True, exist_ok=True)
-            data = archive.read(member)
-            if member.split("/")[0] in merged and target.exists():
-                data = _merged(target, data)
-            _write_atomically(target, data)
-            written.append(target)
-    for name in MODELS:
-        joined = join_parts(returned, f"{name}.{WEIGHTS}", root / name / WEIGHTS)
-        if joined is not None:
-            load_weights(joined)  # a corrupt or truncated transfer fails here
-            written.append(joined)
-    return written
-
-
-def _merged(present: Path, returned: bytes) -> bytes:
-    """A returned file of the generation already here, joined with the present one."""
-    if present.suffix == ".jsonl":
-        lines = lambda data: [line + b"\n" for line in data.splitlines() if line.strip()]
-        here = lines(present.read_bytes())
-        return b"".join(here + [line for line in lines(returned) if line not in set(here)])
-    if present.name == DATAFREE_MACHINES:
-        machines = _read_json(present) or {}
-        for importance, found in json.loads(returned).items():
-            for one in found:
-                machines = _with_machine(machines, importance, one)
-        return json.dumps(machines, indent=1).encode()
-    return returned
-
-
-def check_here(runs: Path, recipe: str, data_path: str | os.PathLike | None = None) -> list:
-    """Evaluates returned weights on this machine (``local_check.json`` beside them), so
-    that the report can say whether the device's accuracy is reproduced here."""
-    checks = []
-    test = None
-    for name in MODELS:
-        workdir = runs / recipe / name
-        trained = _read_json(workdir / "train.json")
-        if trained is None or not (workdir / WEIGHTS).exists():
-            continue
-        if test is None:
-            per_class = RECIPES[recipe].per_class
-            test = data_lib.read_cifar10_zip("test", data_path, per_class=per_class)
-            evals = sweep.eval_batch_list(test, min(500, len(test)))
-        model = create_model(name, 10, trained["width"])
-        top1 = 100 * training.evaluate(model, load_weights(workdir / WEIGHTS), evals)["top1"]
-        check = dict(model=name, top1=top1, device_top1=trained["test_top1"], machine=machine())
-        _write_json(workdir / "local_check.json", check)
-        _say(f"{name}: {top1:.2f}% here, {trained['test_top1']:.2f}% on the device")
-        checks.append(check)
-    return checks
-
-
-# --------------------------------------------------------------------------- device run
-
-
-def _tree_bytes() -> int:
-    """Bytes of what the device tool sends: tracked and untracked-not-ignored files."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    return sum(
-        (ROOT / os.fsdecode(p)).stat().st_size
-        for p in listed
-        if p and (ROOT / os.fsdecode(p)).is_file()
-    )
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def device_command(
-    model: str, stages: Sequence[str], deadline_s: int, folder: str = ".device", extra: str = ""
-) -> str:
-    """The shell command that runs ``stages`` of ``model`` on the GPU machine."""
-    install = (
-        f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
-        f"--target /tmp/site {folder}/wheels/*.whl && export PYTHONPATH=/tmp/site || exit 1; "
-    )
-    return (
-        install
-        + "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; "
-        # JAX takes half the GPU's memory, leaving PyTorch (the bench) the rest; compiled
-        # programs persist on the machine (train.jobs' cache, off in a command with the
-        # bench), so a second command there reuses the first's
-        + "XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 PYTHONUNBUFFERED=1 "
-        + "IFJAX_COMPILATION_CACHE=/tmp/ifjax-jax-cache "
-        + "python3 reports/reproduce.py fullwidth --recipe gpu "
-        + f"--models {model} --stages {' '.join(stages)} --data {folder}/cifar10.npz "
-        + f"--deadline-s {deadline_s} "
-        + f"--out $OUT{extra} 2>&1 | tee $OUT/log.txt"
-    )
-
-
-def _expected_cells(name: str, recipe: Recipe) -> int:
-    """Cells of one importance's data-free sweep of ``name`` under ``recipe``."""
-    if recipe.groups == "all":
-        model = _model(name, recipe)
-        example = jnp.zeros((1, 32, 32, 3))
-        groups = len(ifjax.discover_groups(model, init_variables(model, 0), example))
-    else:
-        groups = len(recipe.groups)
-    return groups * len(recipe.sparsities) * len(METHODS)
-
-
-def device_work(runs: Path = RUNS, recipe: Recipe | None = None) -> dict[str, Any]:
-    """What a GPU session still has to do, from the results under ``runs/gpu``.
-
-    Returns a dict with
-
-    * ``models``: models whose GPU results lack some of Table 1, ResNet18 first: they are
-      trained again with ``recipe`` (the ``gpu`` one) on the device, because a device
-      run starts bare (the weights cannot travel there beside the data and the wheels)
-      and fine-tuning at full width is out of this CPU's reach;
-    * ``stale``: models whose results are whole but come from an earlier recipe (trained
-      again once nothing else needs the GPU);
-    * ``datafree_here``: models with Table 1 whole and a data-free sweep left incomplete,
-      which continues on this CPU with the returned weights
-      (``--recipe gpu --stages datafree``);
-    * ``bench``, ``replicas``: whether the benches lack rows.
-    """
-    recipe = recipe or RECIPES["gpu"]
-    root = runs / recipe.name
-    work: dict[str, Any] = dict(models=[], stale=[], datafree_here=[], bench=False, replicas=False)
-    for name in ("resnet18", "vgg11_bn"):
-        trained = _read_json(root / name / "train.json")
-        table1 = reproduce.read_journal(root / name / "table1.jsonl") if trained else {}
-        if not (root / name / WEIGHTS).exists() or len(table1) < len(
-            recipe.table1_sparsities
-        ) * len(TABLE1_METHODS):
-            work["models"].append(name)
-            continue
-        if trained["recipe"] != _recorded_recipe(recipe, recipe.epochs[name]):
-            work["stale"].append(name)
-        rows = collections.Counter(r["importance"] for r in _datafree_rows(root / name))
-        cells = _expected_cells(name, recipe)
-        if any(rows[i] < cells for i in IMPORTANCES):
-            work["datafree_here"].append(name)
-    bench = _read_json(root / "bench.json") or []
-    have = {(r["model"], r["batch_size"], r["framework"]) for r in bench if "error" not in r}
-    wanted = {(m, b, f) for m in MODELS for b in recipe.bench_batches for f in ("ifjax", "torch")}
-    work["bench"] = not wanted <= have
-    replicas = _read_json(root / "replicas.json") or []
-    work["replicas"] = not set(recipe.replicas) <= {r["k"] for r in replicas}
-    return work
-
-
-def device_commands(work: Mapping[str, Any]) -> dict[str, str]:
-    """The (at most two) device commands for ``work`` (see :func:`device_work`).
-
-    One model per session, the most needed (``work["models"]`` first, then a stale one):
-    the first command trains it, then runs Table 1 and its data-free sweep until its
-    deadline; the second goes on with Table 1 on the weights the first left on the machine
-    (a machine kept warm between commands keeps ``runs/``; on a fresh one there are none
-    and the model's stages are skipped), runs the replicas bench if it lacks rows, goes on
-    with the sweep, and ends with the training-step bench if it lacks rows.
-    """
-    target = next(iter([*work["models"], *work["stale"]]), None)
-    runs = [(target, ["train", "table1", "datafree"])] if target else []
-    # what only a GPU does first: Table 1, the replicas bench; the sweep can go on here
-    second = [
-        stage
-        for stage, wanted in (
-            ("table1", target),
-            ("replicas", work["replicas"]),
-            ("datafree", target),
-            ("bench", work["bench"]),
-        )
-        if wanted
-    ]
-    if second:
-        runs.append((target or "vgg11_bn", second))
-    return {
-        str(number): device_command(
-            name,
-            stages,
-            DEVICE_DEADLINE_S,
-            extra=" --bench-models " + " ".join(MODELS) if "bench" in stages else "",
-        )
-        for number, (name, stages) in enumerate(runs, start=1)
-    }
-
-
-def prepare_device(
-    dest: Path = DEVICE_DIR,
-    *,
-    wheels: bool = True,
-    per_class: int | None = None,
-    data_zip: str | os.PathLike | None = None,
-    runs: Path = RUNS,
-) -> dict:
-    """Prepares the folder that travels to the GPU: the packed data, the wheels, and the
-    commands for what is still to do there (:func:`device_work` on ``runs``); checks that
-    it fits in what may travel."""
-    dest.mkdir(parents=True, exist_ok=True)
-    packed = dest / "cifar10.npz"
-    if not packed.exists() or per_class is not None or data_zip is not None:
-        data_lib.pack_cifar10(packed, data_zip, per_class=per_class)
-    wheel_dir = dest / "wheels"
-    wheel_dir.mkdir(exist_ok=True)
-    if wheels:
-        for spec in WHEELS:
-            name = spec.split("==")[0].replace("-", "_").lower()
-            if not any(p.name.lower().startswith(name) for p in wheel_dir.glob("*.whl")):
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pip",
-                        "download",
-                        "-q",
-                        "--no-deps",
-                        "--only-binary=:all:",
-                        "--python-version",
-                        "3.12",
-                        "--implementation",
-                        "cp",
-                        "--platform",
-                        "manylinux_2_28_x86_64",
-                        "--platform",
-                        "manylinux_2_27_x86_64",
-                        "--platform",
-                        "manylinux_2_17_x86_64",
-                        "--platform",
-                        "manylinux2014_x86_64",
-                        "-d",
-                        str(wheel_dir),
-                        spec,
-                    ],
-                    check=True,
-                )
-    carried = _folder_bytes(dest)
-    inside = dest.resolve().is_relative_to(ROOT)
-    tree = _tree_bytes()
-    total = tree + (carried if inside else 0)
-    work = device_work(runs)
-    commands = device_commands(work)
-    plan = dict(
-        folder=str(dest),
-        packed_data_bytes=packed.stat().st_size,
-        wheels=sorted(p.name for p in wheel_dir.glob("*.whl")),
-        carried_bytes=carried,
-        tree_bytes=tree,
-        total_bytes=total,
-        fits=total < TREE_LIMIT,
-        work=work,
-        commands=commands,
-        order=(
-            "run the commands in order, each right after the one before: a machine kept "
-            "warm keeps runs/, and command 2 goes on with the model command 1 trained"
-        ),
-        carry=[dest.name] if inside else [],
-        # each command stops starting work after DEVICE_DEADLINE_S and writes its results
-        # as it goes; the device tool's limit leaves room for the work under way
-        timeout_s=DEVICE_TIMEOUT_S,
-    )
-    _write_json(dest / "plan.json", plan)
-    if not plan["fits"]:
-        raise RuntimeError(
-            f"{total / 2**20:.1f} MiB would travel, over {TREE_LIMIT / 2**20:.0f} MiB"
-        )
-    return plan
-
-
 # --------------------------------------------------------------------------- reports
 
 
@@ -1164,8 +840,7 @@ def write_reports(runs: Path = RUNS, reports: Path = REPORTS) -> list[Path]:
     """``reports/fullwidth.md`` (+ CSVs, plots) and, with GPU benches, ``reports/gpu.md``."""
     import fullwidth_report
 
-    found = _results(runs)
-    found["device_work"] = device_work(runs)
+    found = _results(runs) | {"runs": runs}
     written = []
     if found["models"]:
         written += fullwidth_report.write_fullwidth(found, reports)
@@ -1211,35 +886,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.device_run:
-        action, *rest = args.device_run
-        if action == "prepare":
-            dest = Path(rest[0]) if rest else DEVICE_DIR
-            per_class = RECIPES["tiny"].per_class if args.tiny else None
-            plan = prepare_device(
-                dest,
-                wheels=not args.no_wheels,
-                per_class=per_class,
-                data_zip=args.data,
-                runs=args.runs,
-            )
-            print(json.dumps(plan, indent=1))
-            if not plan["commands"]:
-                _say("nothing is left for a GPU: every GPU stage has its results")
-            for name in plan["work"]["datafree_here"]:
-                _say(
-                    f"{name}'s data-free sweep goes on here: python reports/reproduce.py "
-                    f"fullwidth --recipe gpu --models {name} --stages datafree report"
-                )
-            return 0
-        if action == "unpack" and rest:
-            recipe = "tiny" if args.tiny else "gpu"
-            for path in unpack(Path(rest[0]), args.runs, recipe):
-                _say(f"unpacked {path}")
-            check_here(args.runs, recipe, args.data)
-            write_reports(args.runs, args.reports)
-            return 0
-        raise SystemExit("--device-run takes 'prepare [DIR]' or 'unpack DIR'")
     gpu = jax.default_backend() == "gpu"
     recipe = RECIPES["tiny" if args.tiny else args.recipe or ("gpu" if gpu else "cpu")]
     models = args.models or (list(MODELS) if recipe.name != "cpu" else ["vgg11_bn"])

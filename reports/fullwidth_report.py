@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import fullwidth
+import fullwidth_device
 import numpy as np
 import reproduce
 
@@ -350,13 +351,13 @@ def _summary(found: Mapping[str, Any]) -> list[str]:
         missing.append("the replicas bench")
     if missing:
         lines.append(f"- **Not run yet**: {'; '.join(missing)}.")
-    if found.get("device_work"):
-        lines.append(f"- {_plan_line(found['device_work'])}")
+    if "runs" in found:
+        lines.append(f"- {_plan_line(fullwidth_device.device_work(found['runs']))}")
     return lines
 
 
 def _plan_line(work: Mapping[str, Any]) -> str:
-    """What the next GPU session does (:func:`fullwidth.device_work`), in words."""
+    """What the next GPU session does (:func:`fullwidth_device.device_work`), in words."""
     waiting = [*work["models"], *work["stale"]]
     planned = [
         f"{LABELS[name]} trained with the current recipe "
@@ -430,7 +431,7 @@ def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
         "Regenerate: `python reports/reproduce.py fullwidth` (this CPU: VGG11-BN, resumable "
         "over several runs), or on one GPU `python reports/reproduce.py fullwidth "
         "--device-run prepare`, the device commands it prints, then `--device-run unpack "
-        "DIR` (see `reports/fullwidth.py`). Training ResNet18 at full width is a GPU-only "
+        "DIR` (see `reports/fullwidth_device.py`). Training ResNet18 at full width is a GPU-only "
         "stage: on this 2-core CPU an epoch takes about 4x VGG11-BN's; its data-free sweep "
         "can go on here with the weights a GPU returned.",
         "",

@@ -749,11 +749,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_argument("--cells", type=int, default=12, help="random cells to recompute")
     commands.add_parser("all")
     import fullwidth  # reports/fullwidth.py
+    import fullwidth_device  # reports/fullwidth_device.py
 
     fullwidth.add_arguments(commands.add_parser("fullwidth", help=fullwidth.__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
     if args.command == "fullwidth":
-        return fullwidth.main(args)
+        return (fullwidth_device.main if args.device_run else fullwidth.main)(args)
     jobs.enable_compilation_cache(jobs.default_compilation_cache())
     if args.command == "base":
         print(json.dumps({k: v for k, v in base_model(args.model).items() if k != "history"}))

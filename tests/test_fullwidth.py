@@ -42,6 +42,13 @@ def fullwidth():
     return module
 
 
+@pytest.fixture(scope="module")
+def device_run(fullwidth):
+    import fullwidth_device  # reports/fullwidth_device.py, beside fullwidth
+
+    return fullwidth_device
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -168,21 +175,21 @@ def test_mixed_precision_step_keeps_float32_state_and_follows_the_float32_step()
 # --------------------------------------------------------------------------- the command
 
 
-def test_weights_travel_in_pieces_and_corruption_is_caught(fullwidth, tmp_path):
+def test_weights_travel_in_pieces_and_corruption_is_caught(fullwidth, device_run, tmp_path):
     model = create_model("vgg11_bn", 10, 0.125)
     variables = init_variables(model, 0)
     path = fullwidth.save_weights(tmp_path / "w.npz", variables)
     pieces = fullwidth.split_file(path, tmp_path, limit=50_000)
     assert len(pieces) == -(-path.stat().st_size // 50_000) > 2
-    joined = fullwidth.join_parts(tmp_path, "w.npz", tmp_path / "joined" / "w.npz")
+    joined = device_run.join_parts(tmp_path, "w.npz", tmp_path / "joined" / "w.npz")
     restored = fullwidth.load_weights(joined)
     jax.tree.map(np.testing.assert_array_equal, restored, variables)
     pieces[-1].unlink()  # one piece lost on the way
-    fullwidth.join_parts(tmp_path, "w.npz", tmp_path / "joined" / "w.npz")
+    device_run.join_parts(tmp_path, "w.npz", tmp_path / "joined" / "w.npz")
     with pytest.raises(Exception):  # noqa: B017 - numpy's zip reader names the damage
         fullwidth.load_weights(tmp_path / "joined" / "w.npz")
     with pytest.raises(FileNotFoundError, match="results.zip"):
-        fullwidth.unpack(tmp_path / "joined", tmp_path / "runs")
+        device_run.unpack(tmp_path / "joined", tmp_path / "runs")
 
 
 def _device_argv(command: str, out: Path, data: Path, runs: Path, deadline=None) -> list[str]:
@@ -196,7 +203,7 @@ def _device_argv(command: str, out: Path, data: Path, runs: Path, deadline=None)
 
 
 def test_fullwidth_tiny_end_to_end_with_device_packaging(
-    fullwidth, cifar_zip, tmp_path, monkeypatch
+    fullwidth, device_run, cifar_zip, tmp_path, monkeypatch
 ):
     """The whole command at tiny scale through its command line: prepare the device folder,
     run the two planned device commands as a GPU session would (exporting to OUT folders),
@@ -221,8 +228,8 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(
     assert "--bench-models vgg11_bn resnet18" in plan["commands"]["2"]
     for command in plan["commands"].values():
         assert "--recipe gpu" in command and "--out $OUT" in command and "pip install" in command
-        assert f"--deadline-s {fullwidth.DEVICE_DEADLINE_S}" in command
-    assert plan["timeout_s"] > fullwidth.DEVICE_DEADLINE_S
+        assert f"--deadline-s {device_run.DEVICE_DEADLINE_S}" in command
+    assert plan["timeout_s"] > device_run.DEVICE_DEADLINE_S
 
     # the planned commands as a session runs them, on one machine kept warm: the first
     # trains and its deadline (0 here) cuts the rest; the second goes on with its weights
@@ -295,27 +302,27 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(
     # Table 1 whole, so is its sweep), so are the benches unless PyTorch's rows failed
     # (no torch here); VGG11-BN never ran
     failed = any("error" in r for r in bench)
-    work = fullwidth.device_work(runs, recipe)
+    work = device_run.device_work(runs, recipe)
     assert work == dict(
         models=["vgg11_bn"], stale=[], datafree_here=[], bench=failed, replicas=False
     )
-    assert _stages(fullwidth.device_commands(work)) == [
+    assert _stages(device_run.device_commands(work)) == [
         "train table1 datafree",
         "table1 datafree" + " bench" * failed,
     ]
     journal = workdir / "datafree_lamp.jsonl"
     journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:-1]))
-    assert fullwidth.device_work(runs, recipe)["datafree_here"] == ["resnet18"]  # goes on here
+    assert device_run.device_work(runs, recipe)["datafree_here"] == ["resnet18"]  # goes on here
     # whole results of an earlier recipe: trained again once nothing else needs the GPU
     older = dict(trained, recipe=dict(trained["recipe"], epochs=99))
     (workdir / "train.json").write_text(json.dumps(older))
-    assert fullwidth.device_work(runs, recipe)["stale"] == ["resnet18"]
+    assert device_run.device_work(runs, recipe)["stale"] == ["resnet18"]
     alone = dict(models=[], stale=["resnet18"], datafree_here=[], bench=False, replicas=True)
-    assert _stages(fullwidth.device_commands(alone)) == [
+    assert _stages(device_run.device_commands(alone)) == [
         "train table1 datafree",
         "table1 replicas datafree",
     ]
-    assert fullwidth.device_commands(dict(alone, stale=[], replicas=False)) == {}
+    assert device_run.device_commands(dict(alone, stale=[], replicas=False)) == {}
 
     # run again: every stage finds its results and does nothing new
     journals = lambda: [
@@ -340,7 +347,7 @@ def test_deadline_leaves_work_for_the_next_run(fullwidth):
 
 
 def test_export_keeps_within_what_comes_back_and_unpack_replaces_a_generation(
-    fullwidth, tmp_path, monkeypatch
+    fullwidth, device_run, tmp_path, monkeypatch
 ):
     model = create_model("vgg11_bn", 10, 0.125)
     variables = init_variables(model, 0)
@@ -363,7 +370,7 @@ def test_export_keeps_within_what_comes_back_and_unpack_replaces_a_generation(
     with zipfile.ZipFile(only / "results.zip") as archive:
         assert archive.namelist() == ["vgg11_bn/train.json"]
     runs = tmp_path / "local"
-    fullwidth.unpack(out, runs)
+    device_run.unpack(out, runs)
     # the same generation again (a second command on a warm machine): merged, journals
     # keep the rows evaluated here meanwhile
     here = runs / "gpu" / "vgg11_bn" / "datafree_l1.jsonl"
@@ -371,13 +378,13 @@ def test_export_keeps_within_what_comes_back_and_unpack_replaces_a_generation(
     (root / "vgg11_bn" / "datafree_l1.jsonl").write_text('{"row": "on the device"}\n')
     again = tmp_path / "OUT_again"
     fullwidth._export(root, again, ["vgg11_bn"])
-    fullwidth.unpack(again, runs)
+    device_run.unpack(again, runs)
     assert sorted(p.name for p in (runs / "gpu").iterdir()) == ["resnet18", "vgg11_bn"]
     assert here.read_text() == '{"row": "evaluated here"}\n{"row": "on the device"}\n'
     # a generation trained anew replaces the present one, kept aside
     (runs / "gpu" / "vgg11_bn" / "train.json").write_text(json.dumps({"model": "earlier"}))
     (runs / "gpu" / "vgg11_bn" / "extra.jsonl").write_text("{}\n")  # an earlier generation's
-    fullwidth.unpack(out, runs)
+    device_run.unpack(out, runs)
     kept_aside = [p for p in (runs / "gpu").iterdir() if p.name.startswith("vgg11_bn.")]
     assert len(kept_aside) == 1 and (kept_aside[0] / "extra.jsonl").exists()
     assert not (runs / "gpu" / "vgg11_bn" / "extra.jsonl").exists()
@@ -398,7 +405,7 @@ def test_a_run_of_another_recipe_is_refused(fullwidth, cifar_zip, tmp_path):
         fullwidth.train_stage("vgg11_bn", recipe, None, workdir, epochs=1)
 
 
-def test_report_names_each_sweeps_machines_and_incomplete_sweeps(fullwidth, tmp_path):
+def test_report_names_each_sweeps_machines_and_incomplete_sweeps(fullwidth, device_run, tmp_path):
     import fullwidth_report
 
     gpu = dict(platform="gpu", device="NVIDIA H200", cpu="x86_64", cores=16, jax="0.11.2")
@@ -423,7 +430,7 @@ def test_report_names_each_sweeps_machines_and_incomplete_sweeps(fullwidth, tmp_
     # the same generation coming back from a device joins the machines
     fullwidth._write_json(path, {"l1": [cpu]})
     returned = json.dumps({"l1": [gpu, cpu], "lamp": [gpu]}).encode()
-    assert json.loads(fullwidth._merged(path, returned)) == {"l1": [cpu, gpu], "lamp": [gpu]}
+    assert json.loads(device_run._merged(path, returned)) == {"l1": [cpu, gpu], "lamp": [gpu]}
 
 
 def test_stages_run_in_the_order_given(fullwidth, tmp_path, monkeypatch):
