@@ -23,12 +23,13 @@ from train.split import (
     IndexedDataset,
     _mesh_devices,
     choose_strategy,
+    evaluate_models,
     kfold_training_sets,
     replica_seed,
     split_indices,
     train_replicas,
 )
-from train.training import fit
+from train.training import evaluate, fit
 
 MODEL = VGG(cfg=(4, "M", 8, "M"), num_classes=3)
 REPO = Path(__file__).resolve().parents[1]
@@ -204,6 +205,22 @@ def test_train_replicas_names_bad_strategies_and_old_checkpoints(tmp_path):
     (tmp_path / "epoch_00001").mkdir()
     with pytest.raises(ValueError, match="older ifjax"):
         _replicas(tmp_path)
+
+
+def test_evaluate_models_gives_each_models_own_evaluation_under_every_strategy():
+    """k models evaluated one after the other or vmapped: each as evaluated alone."""
+    test = _dataset(40, seed=3)
+    variables = [_numpy_variables(MODEL, seed) for seed in (1, 2, 3)]
+    eval_batches = lambda: batches(test, 16, shuffle=False, augment=False)
+    alone = [evaluate(MODEL, v, eval_batches()) for v in variables]
+    assert len({round(s["loss"], 4) for s in alone}) == 3  # three different models
+    for strategy in ("auto", "sequential", "vmap"):
+        scores = evaluate_models(MODEL, variables, eval_batches, strategy=strategy)
+        for got, want in zip(scores, alone, strict=True):
+            assert got["top1"] == want["top1"] and got["count"] == want["count"] == 40
+            np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown replica strategy 'grouped'"):
+        evaluate_models(MODEL, variables, eval_batches, strategy="grouped")
 
 
 def test_strategy_is_chosen_per_backend():

@@ -66,13 +66,10 @@ from train.options import (
 )
 from train.split import (
     STRATEGIES,
-    evaluate_replicas,
+    evaluate_models,
     kfold_training_sets,
-    replica_mesh,
     replica_seed,
-    shard_replicas,
     split_indices,
-    stack_trees,
     train_replicas,
 )
 from train.stages import StageStore
@@ -347,10 +344,14 @@ class _Context:
         return trained
 
     def evaluate(self, model, variables_list) -> list[float]:
-        mesh = replica_mesh(len(variables_list), self.options.num_devices)
-        stacked = shard_replicas(stack_trees(variables_list), mesh)
-        test = batches(self.test, 256, shuffle=False, augment=False)
-        return [s["top1"] for s in evaluate_replicas(model, stacked, test, mesh)]
+        scores = evaluate_models(
+            model,
+            variables_list,
+            lambda: batches(self.test, 256, shuffle=False, augment=False),
+            strategy=self.options.strategy,
+            num_devices=self.options.num_devices,
+        )
+        return [s["top1"] for s in scores]
 
     def initial(self, model, count: int) -> list[dict[str, Any]]:
         """Initial variables of replica 0..count-1 (the baseline starts from replica 0's)."""

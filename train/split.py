@@ -86,6 +86,7 @@ __all__ = [
     "STRATEGIES",
     "IndexedDataset",
     "choose_strategy",
+    "evaluate_models",
     "evaluate_replicas",
     "kfold_training_sets",
     "replica_mesh",
@@ -299,6 +300,41 @@ def evaluate_replicas(
     return evaluate_with(_replica_eval_step(model, mesh), stacked_variables, eval_batches)
 
 
+def evaluate_models(
+    model: nn.Module,
+    variables_list: Sequence[Mapping[str, Any]],
+    eval_batches: Callable[[], Iterable[Mapping[str, Any]]],
+    *,
+    strategy: str = "auto",
+    num_devices: int | None = None,
+) -> list[dict[str, float]]:
+    """Top-1 and loss of k models of one architecture on the same batches, run as
+    :func:`train_replicas` runs them (``strategy``, see :func:`choose_strategy`): one
+    after the other (``"sequential"``, a CPU's default) or vmapped over the stacked
+    variables (``"vmap"``, ``"shard"``).
+
+    Args:
+      model: the models' Linen module.
+      variables_list: the k models' variables.
+      eval_batches: returns the batches afresh (called once per model when sequential).
+      strategy: one of :data:`STRATEGIES`.
+      num_devices: devices to shard over (``"shard"``/``"auto"``).
+
+    Returns:
+      One ``{"top1", "loss", "count"}`` per model, like :func:`train.training.evaluate`.
+
+    Example:
+      >>> scores = evaluate_models(model, [a, b], lambda: batches(test, 256, shuffle=False))
+    """
+    k = len(variables_list)
+    strategy = _resolve(strategy, k, num_devices)
+    if strategy == "sequential":
+        return [evaluate(model, v, eval_batches()) for v in variables_list]
+    mesh = replica_mesh(k, 1 if strategy == "vmap" else num_devices)
+    stacked = shard_replicas(stack_trees(variables_list), mesh)
+    return evaluate_replicas(model, stacked, eval_batches(), mesh)
+
+
 # ----------------------------------------------------------------------------- strategies
 
 STRATEGIES = ("auto", "vmap", "shard", "sequential")
@@ -414,6 +450,17 @@ class _Sequential:
         return list(range(k))
 
 
+def _resolve(strategy: str, k: int, num_devices: int | None) -> str:
+    """``strategy`` checked, ``"auto"`` resolved (:func:`choose_strategy`)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown replica strategy {strategy!r}; known: {STRATEGIES}")
+    if strategy == "auto":
+        strategy = choose_strategy(k, num_devices)
+    if strategy == "sequential" and jax.process_count() > 1:
+        raise ValueError("strategy 'sequential' runs in one process; use 'shard'")
+    return strategy
+
+
 def _strategy(
     strategy: str,
     k: int,
@@ -422,13 +469,8 @@ def _strategy(
     num_devices: int | None,
     compute_dtype: str | None,
 ) -> _Stacked | _Sequential:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown replica strategy {strategy!r}; known: {STRATEGIES}")
-    if strategy == "auto":
-        strategy = choose_strategy(k, num_devices)
+    strategy = _resolve(strategy, k, num_devices)
     if strategy == "sequential":
-        if jax.process_count() > 1:
-            raise ValueError("strategy 'sequential' runs in one process; use 'shard'")
         return _Sequential(model, optimizer, compute_dtype)
     mesh = replica_mesh(k, 1 if strategy == "vmap" else num_devices)
     return _Stacked(model, replica_train_step(model, optimizer, mesh, compute_dtype), mesh)
