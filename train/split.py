@@ -363,14 +363,11 @@ class _Stacked:
     axis, laid out over ``mesh`` (one device for ``"vmap"``)."""
 
     model: nn.Module
-    step_fn: Callable
+    step: Callable  # (stacked states, stacked batch) -> (states, metrics): one vmapped step
     mesh: Mesh
 
     def place(self, states: Sequence[TrainState]) -> TrainState:
         return shard_replicas(stack_trees(states), self.mesh)
-
-    def step(self, states: TrainState, batch: Mapping[str, Any]):
-        return self.step_fn(states, batch)
 
     def batch(self, local: Mapping[int, Batch], k: int) -> dict[str, jax.Array]:
         """The replicas' batches as global (k, B, ...) arrays sharded by replica."""
