@@ -100,7 +100,7 @@ def _separate_runs(model, optimizer, states, data, repeats):
 def _strategy_run(name, model, optimizer, states, data, devices, repeats):
     """Times ``train_replicas``' strategy ``name``; returns the timing and devices used."""
     k = len(states)
-    runner = _strategy(name, k, model, optimizer, devices, None)
+    runner = _strategy(name, k, model, optimizer, devices, None, 0.0)
     placed_states = runner.place(states)
     placed = [
         runner.batch({r: jax.device_put({key: b[key][r] for key in b}) for r in range(k)}, k)

@@ -89,6 +89,8 @@ class Recipe:
       peak_lr: the one-cycle schedule's peak (``"fast"``: warm-up from peak/10 over 15%
         of the steps, then cosine to 0), SGD with Nesterov momentum 0.9, weight decay 5e-4.
       compute_dtype: mixed precision of the training step (None: float32).
+      label_smoothing: label smoothing of the base models' training loss (0: none; Table
+        1's fine-tuning uses none; reports/label_smoothing.md measures it).
       finetune_epochs: Table 1's fine-tuning (``"finetune"`` schedule: constant lr).
       finetune_lr: its learning rate (the paper's 0.01 at batch 128, scaled linearly).
       width: width multiplier (1.0: the paper's models).
@@ -109,6 +111,7 @@ class Recipe:
     compute_dtype: str | None
     finetune_epochs: int
     finetune_lr: float
+    label_smoothing: float = 0.0
     width: float = 1.0
     per_class: int | None = None
     max_steps: int | None = None
@@ -305,8 +308,12 @@ def _model(name: str, recipe: Recipe):
 
 
 def _recorded_recipe(recipe: Recipe, epochs: int) -> dict[str, Any]:
-    """The recipe as a model's ``train.json`` records it."""
-    return json.loads(json.dumps(dataclasses.asdict(recipe) | {"epochs": epochs}))
+    """The recipe as a model's ``train.json`` records it (label smoothing only when set, so
+    that models trained before it existed still match)."""
+    recorded = dataclasses.asdict(recipe) | {"epochs": epochs}
+    if not recorded["label_smoothing"]:
+        del recorded["label_smoothing"]
+    return json.loads(json.dumps(recorded))
 
 
 def train_stage(name: str, recipe: Recipe, data: Data, workdir: Path, epochs: int) -> dict:
@@ -342,6 +349,7 @@ def train_stage(name: str, recipe: Recipe, data: Data, workdir: Path, epochs: in
         nesterov=True,
         peak_lr=recipe.peak_lr,
         compute_dtype=recipe.compute_dtype,
+        label_smoothing=recipe.label_smoothing,
         progress_bar=False,
     )
     if len(history) < epochs and recipe.max_steps is None:

@@ -32,6 +32,7 @@ def _recipe_line(train: Mapping[str, Any]) -> str:
         f"{r['epochs']} epochs, batch {r['batch_size']}, SGD Nesterov momentum 0.9, weight "
         f"decay 5e-4, one-cycle (warm-up 15% from {r['peak_lr'] / 10:g} to {r['peak_lr']:g}, "
         f"cosine to 0), crop + flip on the device, {dtype} steps"
+        + (f", label smoothing {r['label_smoothing']:g}" if r.get("label_smoothing") else "")
     )
 
 

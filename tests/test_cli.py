@@ -203,6 +203,9 @@ def test_vit_training_and_pruning_options_reach_the_jobs(monkeypatch, capsys):
     train = seen["train"]
     assert (train["model"], train["optimizer"], train["peak_lr"]) == ("vit", "adamw", 1e-3)
     assert (train["weight_decay"], train["schedule"]) == (0.05, "fast")
+    assert seen.pop("train")["label_smoothing"] == 0.0
+    assert cli.main(OFF + argv + ["--label-smoothing", "0.1"]) == 0
+    assert seen["train"]["label_smoothing"] == 0.1
 
     def prune(checkpoint, out, **kw):
         seen["prune"] = kw
@@ -213,6 +216,8 @@ def test_vit_training_and_pruning_options_reach_the_jobs(monkeypatch, capsys):
     assert "stop here" in _error(capsys, argv) and seen["prune"]["groups"] == "heads"
     bad = ["train", "--model", "vit", "--workdir", "w", "--optimizer", "lion"]
     assert "--optimizer: invalid choice" in _error(capsys, bad)
+    bad = ["train", "--model", "vit", "--workdir", "w", "--label-smoothing", "1"]
+    assert "--label-smoothing" in _error(capsys, bad)
 
 
 def test_round_to_reaches_the_pruned_widths(capsys, checkpoint, tmp_path):

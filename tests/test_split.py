@@ -94,8 +94,10 @@ def test_indexed_dataset_reads_its_examples():
     assert len(view) == 3 and view.num_classes == 3
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "sequential"])
-def test_train_replicas_equals_separate_fits(strategy):
+@pytest.mark.parametrize(
+    "strategy, label_smoothing", [("vmap", 0.0), ("sequential", 0.0), ("vmap", 0.2)]
+)
+def test_train_replicas_equals_separate_fits(strategy, label_smoothing):
     train, test = _dataset(), _dataset(32, seed=1)
     datasets = [IndexedDataset(train, p) for p in split_indices(len(train), 2, seed=0)]
     initial = [_numpy_variables(MODEL, seed=r) for r in range(2)]
@@ -110,6 +112,7 @@ def test_train_replicas_equals_separate_fits(strategy):
         seed=3,
         eval_batches=evaluate,
         strategy=strategy,
+        label_smoothing=label_smoothing,
         log=None,
     )
     assert [h["step"] for h in history] == [3, 6]
@@ -124,6 +127,7 @@ def test_train_replicas_equals_separate_fits(strategy):
             optimizer_kind="fast",
             seed=seed,
             log_every=None,
+            label_smoothing=label_smoothing,
             train_batches=lambda epoch, start, r=r, seed=seed: batches(
                 datasets[r],
                 16,

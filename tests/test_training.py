@@ -19,6 +19,7 @@ from models.registry import init_variables
 from train.training import (
     METRIC_COLUMNS,
     create_train_state,
+    cross_entropy,
     eval_step,
     evaluate,
     fit,
@@ -252,6 +253,60 @@ def test_checkpoint_of_another_config_is_rejected(reference, variables, tmp_path
     shutil.copytree(reference[0], tmp_path / "copy")
     with pytest.raises(ValueError, match="config"):
         _fit(variables, tmp_path / "copy", optimizer_kind="finetune")
+
+
+def test_checkpoint_of_another_label_smoothing_is_rejected(reference, variables, tmp_path):
+    shutil.copytree(reference[0], tmp_path / "copy")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _fit(variables, tmp_path / "copy", label_smoothing=0.1)
+
+
+def test_cross_entropy_smooths_targets_toward_uniform():
+    logits = jax.random.normal(jax.random.key(0), (5, 4))
+    labels = jnp.array([0, 1, 2, 3, 1])
+    log_probs = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    targets = 0.8 * np.eye(4)[np.asarray(labels)] + 0.2 / 4
+    np.testing.assert_allclose(
+        cross_entropy(logits, labels, 0.2), -(targets * log_probs).sum(-1), rtol=1e-5
+    )
+    plain = -log_probs[np.arange(5), np.asarray(labels)]
+    np.testing.assert_allclose(cross_entropy(logits, labels), plain, rtol=1e-5)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing must be in \\[0, 1\\)"):
+            cross_entropy(logits, labels, bad)
+
+
+def test_train_step_with_label_smoothing_descends_the_smoothed_loss(variables):
+    optimizer = make_optimizer("finetune", steps_per_epoch=1, epochs=1)
+    state = create_train_state(MODEL, variables, optimizer)
+    batch = _batch(5)
+    logits, _ = MODEL.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+    smoothed, plain = {}, {}
+    for s, out in ((0.3, smoothed), (0.0, plain)):
+        new, metrics = train_step(state, batch, model=MODEL, optimizer=optimizer, label_smoothing=s)
+        out.update(metrics=metrics, params=new.params)
+    expected = float(cross_entropy(logits, batch["label"], 0.3).mean())
+    np.testing.assert_allclose(float(smoothed["metrics"]["loss"]), expected, rtol=1e-5)
+    assert float(smoothed["metrics"]["loss"]) > float(plain["metrics"]["loss"])
+    grads = jax.grad(
+        lambda p: cross_entropy(
+            MODEL.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                batch["image"],
+                train=True,
+                mutable=["batch_stats"],
+            )[0],
+            batch["label"],
+            0.3,
+        ).mean()
+    )(variables["params"])
+    # SGD from a zero momentum buffer: the first step is -lr * (gradient + wd * params)
+    lr = float(learning_rate_schedule("finetune", 1, 1)(0))
+    expected_params = jax.tree.map(lambda p, g: p - lr * (g + 5e-4 * p), variables["params"], grads)
+    for got, want in zip(
+        jax.tree.leaves(smoothed["params"]), jax.tree.leaves(expected_params), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_progress_lines_without_a_terminal(variables, capsys):

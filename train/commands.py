@@ -20,6 +20,7 @@ import ifjax
 from models.registry import MODEL_FACTORIES
 from train import jobs, sweep
 from train.options import (
+    FRACTION,
     NONNEGATIVE_FLOAT,
     NONNEGATIVE_INT,
     POSITIVE_FLOAT,
@@ -102,6 +103,9 @@ class _Fit(_Data):
         None, flag="--lr", check=POSITIVE_FLOAT, help="peak learning rate (default: schedule's)"
     )
     weight_decay: float | None = option(None, check=NONNEGATIVE_FLOAT, help="default 5e-4")
+    label_smoothing: float = option(
+        0.0, check=FRACTION, help="smooth the training loss's targets by this (default 0)"
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

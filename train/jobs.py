@@ -213,7 +213,7 @@ def _fit_and_save(
         seed=seed,
         max_steps=options.get("max_steps"),
         checkpoint_every_steps=options.get("checkpoint_every"),
-        **{k: options[k] for k in ("optimizer", "peak_lr", "weight_decay") if k in options},
+        **{k: options[k] for k in _TRAINING_OPTIONS if k in options},
     )
     summary = {"workdir": str(workdir), "epochs_done": len(metrics), "history": metrics}
     if len(metrics) < options["epochs"]:
@@ -230,12 +230,18 @@ def _fit_and_save(
     return summary | {"finished": True, "checkpoint": str(path), "test_top1": metadata["test_top1"]}
 
 
-def _optimizer_options(optimizer: str, peak_lr: float | None, weight_decay: float | None):
-    """The optimizer settings that differ from the training stack's defaults (only those
+_TRAINING_OPTIONS = ("optimizer", "peak_lr", "weight_decay", "label_smoothing")
+
+
+def _training_options(
+    optimizer: str, peak_lr: float | None, weight_decay: float | None, label_smoothing: float
+) -> dict[str, Any]:
+    """The training settings that differ from the training stack's defaults (only those
     are recorded, so that runs made before these options existed still resume)."""
     options = {"optimizer": optimizer} if optimizer != "sgd" else {}
     options |= {"peak_lr": peak_lr} if peak_lr is not None else {}
-    return options | ({"weight_decay": weight_decay} if weight_decay is not None else {})
+    options |= {"weight_decay": weight_decay} if weight_decay is not None else {}
+    return options | ({"label_smoothing": label_smoothing} if label_smoothing else {})
 
 
 def train(
@@ -256,11 +262,14 @@ def train(
     optimizer: str = "sgd",
     peak_lr: float | None = None,
     weight_decay: float | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, Any]:
     """Trains a model of the paper from scratch; resumes from ``workdir`` if it can.
 
     ``optimizer``, ``peak_lr`` and ``weight_decay`` (default: the training stack's)
-    choose e.g. AdamW for the ViT (see :func:`train.training.make_optimizer`).
+    choose e.g. AdamW for the ViT (see :func:`train.training.make_optimizer`);
+    ``label_smoothing`` smooths the training loss's targets (see
+    :func:`train.training.cross_entropy`).
 
     Returns:
       ``{"finished", "checkpoint" (workdir/model once finished), "test_top1" (percent),
@@ -274,7 +283,7 @@ def train(
     image_size = int(train_set.get_batch(np.arange(1))[0].shape[1])
     variables = init_variables(network, seed, (1, image_size, image_size, 3))
     options = dict(epochs=epochs, batch_size=batch_size, schedule=schedule, seed=seed)
-    options |= _optimizer_options(optimizer, peak_lr, weight_decay)
+    options |= _training_options(optimizer, peak_lr, weight_decay, label_smoothing)
     metadata = dict(
         model=model,
         dataset=dataset,
@@ -439,6 +448,7 @@ def finetune(
     optimizer: str = "sgd",
     peak_lr: float | None = None,
     weight_decay: float | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, Any]:
     """Fine-tunes a (pruned) checkpoint; the result goes to ``workdir/model``.
 
@@ -451,7 +461,7 @@ def finetune(
     )
     test_set = load_split(name, "test", data_dir=data_dir, zip_path=zip_path)
     options = dict(epochs=epochs, batch_size=batch_size, schedule=schedule, seed=seed)
-    options |= _optimizer_options(optimizer, peak_lr, weight_decay)
+    options |= _training_options(optimizer, peak_lr, weight_decay, label_smoothing)
     step = dict(operation="finetune", source=str(Path(checkpoint).absolute()), **options)
     return _fit_and_save(
         restored.model,

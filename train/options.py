@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
+    "FRACTION",
     "NONNEGATIVE_FLOAT",
     "NONNEGATIVE_INT",
     "POSITIVE_FLOAT",
@@ -64,7 +65,8 @@ POSITIVE_INT = Check(lambda n: n > 0, "must be a positive integer")
 POSITIVE_FLOAT = Check(lambda x: x > 0, "must be a positive number")
 NONNEGATIVE_INT = Check(lambda n: n >= 0, "must be a non-negative integer")
 NONNEGATIVE_FLOAT = Check(lambda x: x >= 0, "must be a non-negative number")
-SPARSITY = Check(lambda s: 0 <= s < 1, "must be in [0, 1)")
+FRACTION = Check(lambda x: 0 <= x < 1, "must be in [0, 1)")
+SPARSITY = FRACTION
 
 
 def option(

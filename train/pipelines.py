@@ -57,6 +57,7 @@ from ifjax.checkpoint import save_model
 from models.registry import create_model, init_variables, model_spec
 from train.data import Dataset, IndexedDataset, batches, load_dataset, random_subset
 from train.options import (
+    FRACTION,
     NONNEGATIVE_INT,
     POSITIVE_FLOAT,
     POSITIVE_INT,
@@ -134,6 +135,8 @@ class SplitOptions(Options):
       batch_size: examples per replica and step.
       optimizer_kind: learning-rate schedule (``"base"``, ``"finetune"``, ``"fast"``).
       augment: CIFAR crop + flip.
+      label_smoothing: the training loss's label smoothing, in [0, 1) (see
+        :func:`train.training.cross_entropy`).
       num_devices: devices for the replica axis (None: all).
       strategy: replica strategy of :func:`train.split.train_replicas` (``"auto"``,
         ``"vmap"``, ``"shard"``, ``"sequential"``); changes the speed only, so a run
@@ -159,6 +162,12 @@ class SplitOptions(Options):
     batch_size: int = option(128, check=POSITIVE_INT)
     optimizer_kind: str = option("base", flag="--schedule", choices=SCHEDULES)
     augment: bool = option(True, command_line=False)
+    label_smoothing: float = option(
+        0.0,
+        check=FRACTION,
+        recorded="when_set",
+        help="smooth the training loss's targets by this (default 0)",
+    )
     num_devices: int | None = option(None, check=POSITIVE_INT, help="devices for the replica axis")
     strategy: str = option(
         "auto",
@@ -334,6 +343,7 @@ class _Context:
             optimizer_kind=kind,
             seed=replica_seed(self.options.seed, 10_000 + salt),
             augment=self.options.augment,
+            label_smoothing=self.options.label_smoothing,
             num_devices=self.options.num_devices,
             strategy=self.options.strategy,
             steps_per_epoch=self.options.steps_per_epoch,

@@ -71,6 +71,7 @@ from train.training import (
     Batch,
     TrainLoop,
     TrainState,
+    check_label_smoothing,
     create_train_state,
     eval_step,
     evaluate,
@@ -249,6 +250,7 @@ def replica_train_step(
     optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
     compute_dtype: str | None = None,
+    label_smoothing: float = 0.0,
 ) -> Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
     """One jit-compiled, vmapped :func:`train.training.train_step` over stacked replicas.
 
@@ -257,6 +259,7 @@ def replica_train_step(
       optimizer: the optax optimizer of the states.
       mesh: lay the replica axis out over this mesh (None: no sharding constraint).
       compute_dtype: mixed precision, as in :func:`train.training.train_step`.
+      label_smoothing: the loss's label smoothing, as in :func:`train.training.train_step`.
 
     Returns:
       ``step(states, batch) -> (states, metrics)``: ``states`` a :class:`TrainState`
@@ -268,7 +271,11 @@ def replica_train_step(
       >>> states, metrics = step(states, {"image": images, "label": labels})
     """
     per_replica = functools.partial(
-        train_step, model=model, optimizer=optimizer, compute_dtype=compute_dtype
+        train_step,
+        model=model,
+        optimizer=optimizer,
+        compute_dtype=compute_dtype,
+        label_smoothing=label_smoothing,
     )
     vmapped = jax.vmap(per_replica)
     if mesh is None:
@@ -409,6 +416,7 @@ class _Sequential:
     model: nn.Module
     optimizer: optax.GradientTransformation
     compute_dtype: str | None
+    label_smoothing: float
 
     def place(self, states: Sequence[TrainState]) -> list[TrainState]:
         return list(states)
@@ -419,7 +427,7 @@ class _Sequential:
             one = {key: batch[key][r] for key in ("image", "label")}
             state, m = train_step(
                 state, one, model=self.model, optimizer=self.optimizer,
-                compute_dtype=self.compute_dtype,
+                compute_dtype=self.compute_dtype, label_smoothing=self.label_smoothing,
             )  # fmt: skip
             # one replica's step at a time: two independent steps in flight at once share
             # XLA:CPU's thread pool and run slower than one after the other
@@ -465,12 +473,14 @@ def _strategy(
     optimizer: optax.GradientTransformation,
     num_devices: int | None,
     compute_dtype: str | None,
+    label_smoothing: float,
 ) -> _Stacked | _Sequential:
     strategy = _resolve(strategy, k, num_devices)
     if strategy == "sequential":
-        return _Sequential(model, optimizer, compute_dtype)
+        return _Sequential(model, optimizer, compute_dtype, label_smoothing)
     mesh = replica_mesh(k, 1 if strategy == "vmap" else num_devices)
-    return _Stacked(model, replica_train_step(model, optimizer, mesh, compute_dtype), mesh)
+    step = replica_train_step(model, optimizer, mesh, compute_dtype, label_smoothing)
+    return _Stacked(model, step, mesh)
 
 
 # ----------------------------------------------------------------------------- training
@@ -533,6 +543,7 @@ def train_replicas(
     checkpoint_every_steps: int | None = None,
     max_steps: int | None = None,
     compute_dtype: str | None = None,
+    label_smoothing: float = 0.0,
     log_every: int | None = None,
     log: Callable[[str], None] | None = print,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -577,6 +588,7 @@ def train_replicas(
       checkpoint_every_steps: also checkpoint every that many steps (besides each epoch).
       max_steps: stop (and checkpoint) once this many steps are done.
       compute_dtype: mixed precision, e.g. ``"bfloat16"`` (see ``train_step``).
+      label_smoothing: the training loss's label smoothing, in [0, 1) (see ``train_step``).
       log_every: steps between progress lines with rate and ETA (None: epoch lines only).
       log: where the lines go (None: nowhere).
 
@@ -601,7 +613,8 @@ def train_replicas(
     optimizer, schedule = optimizer_config(
         optimizer_kind, steps, epochs, momentum=momentum, weight_decay=weight_decay
     )
-    runner = _strategy(strategy, k, model, optimizer, num_devices, compute_dtype)
+    label_smoothing = check_label_smoothing(label_smoothing)
+    runner = _strategy(strategy, k, model, optimizer, num_devices, compute_dtype, label_smoothing)
     seeds = tuple(replica_seed(seed, r) for r in range(k))
     config = dict(
         k=k,
@@ -616,6 +629,7 @@ def train_replicas(
         weight_decay=weight_decay,
     )
     config |= {"compute_dtype": compute_dtype} if compute_dtype is not None else {}
+    config |= {"label_smoothing": label_smoothing} if label_smoothing else {}
     no_evaluation = [{"top1": None, "loss": None}] * k
     loop = TrainLoop(
         step=runner.step,

@@ -61,7 +61,9 @@ __all__ = [
     "SCHEDULES",
     "TrainLoop",
     "TrainState",
+    "check_label_smoothing",
     "create_train_state",
+    "cross_entropy",
     "eval_step",
     "evaluate",
     "eval_throughput",
@@ -251,7 +253,34 @@ def create_train_state(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer", "compute_dtype"))
+def check_label_smoothing(label_smoothing: float) -> float:
+    """``label_smoothing`` as a float, or a ValueError unless it is in [0, 1)."""
+    value = float(label_smoothing)
+    if not 0.0 <= value < 1.0:  # also refuses NaN
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    return value
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy of ``logits`` (..., C) against integer ``labels``.
+
+    With ``label_smoothing`` s > 0 the target is ``(1 - s) * one_hot(label) + s / C``
+    (:func:`optax.smooth_labels`); s = 0 is plain cross-entropy, computed from the integer
+    labels as before.
+
+    Example:
+      >>> cross_entropy(logits, batch["label"], 0.1).mean()
+    """
+    label_smoothing = check_label_smoothing(label_smoothing)
+    if label_smoothing == 0.0:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "optimizer", "compute_dtype", "label_smoothing")
+)
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -259,6 +288,7 @@ def train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     compute_dtype: str | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a batch, BatchNorm in train mode (jitted once per shape).
 
@@ -270,10 +300,12 @@ def train_step(
       compute_dtype: mixed precision, e.g. ``"bfloat16"``: the forward and backward pass
         run on parameters and images cast to it (BatchNorm statistics, the loss, the
         gradients and the update stay float32). None: float32 throughout.
+      label_smoothing: the loss's targets put ``1 - label_smoothing`` on the label and
+        spread ``label_smoothing`` evenly over all classes (0: plain cross-entropy).
 
     Returns:
-      The new state and ``{"loss": mean cross-entropy, "accuracy": top-1}`` of the batch
-      (before the update).
+      The new state and ``{"loss": mean cross-entropy (against the smoothed targets),
+      "accuracy": top-1}`` of the batch (before the update).
 
     Example:
       >>> state, metrics = train_step(state, batch, model=model, optimizer=optimizer)
@@ -293,8 +325,7 @@ def train_step(
             rngs={"dropout": rng},
         )
         logits = logits.astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return losses.mean(), (logits, updates)
+        return cross_entropy(logits, batch["label"], label_smoothing).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     steps, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -908,6 +939,7 @@ def fit(
     optimizer: str = "sgd",
     peak_lr: float | None = None,
     compute_dtype: str | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trains (or fine-tunes) a model, evaluating after every epoch; resumable.
 
@@ -940,6 +972,8 @@ def fit(
       optimizer: ``"sgd"`` or ``"adamw"`` (see :func:`make_optimizer`).
       peak_lr: the schedule's peak learning rate (default: the schedule's own).
       compute_dtype: mixed precision (see :func:`train_step`), e.g. ``"bfloat16"`` on GPUs.
+      label_smoothing: the training loss's label smoothing, in [0, 1) (see
+        :func:`cross_entropy`; the test loss stays plain cross-entropy).
 
     Returns:
       ``(variables, history)``: the final variables and one metrics dict per epoch.
@@ -962,12 +996,18 @@ def fit(
     config |= {"optimizer": optimizer} if optimizer != "sgd" else {}
     config |= {"peak_lr": peak_lr} if peak_lr is not None else {}
     config |= {"compute_dtype": compute_dtype} if compute_dtype is not None else {}
+    label_smoothing = check_label_smoothing(label_smoothing)
+    config |= {"label_smoothing": label_smoothing} if label_smoothing else {}
     transform, schedule = optimizer_config(
         optimizer_kind, steps_per_epoch, epochs, momentum=momentum, weight_decay=weight_decay,
         nesterov=nesterov, optimizer=optimizer, peak_lr=peak_lr,
     )  # fmt: skip
     step = functools.partial(
-        train_step, model=model, optimizer=transform, compute_dtype=compute_dtype
+        train_step,
+        model=model,
+        optimizer=transform,
+        compute_dtype=compute_dtype,
+        label_smoothing=label_smoothing,
     )
     loop = TrainLoop(
         step=step,
