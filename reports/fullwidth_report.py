@@ -10,6 +10,7 @@ from typing import Any
 
 import fullwidth
 import fullwidth_device
+import label_smoothing
 import numpy as np
 import reproduce
 
@@ -51,6 +52,26 @@ def _base_table(found: Mapping[str, Any]) -> list[str]:
             f"{t['train_seconds'] / 60:.1f} min | {t['images_per_second']:.0f} |"
         )
     return lines
+
+
+def _label_smoothing_lines(reports: Path) -> list[str]:
+    """What reports/label_smoothing.md measured, and whether the recipes use it."""
+    used = {name: r.label_smoothing for name, r in fullwidth.RECIPES.items() if name != "tiny"}
+    rows = label_smoothing.read_rows(reports / "data" / label_smoothing.CSV.name)
+    state = ", ".join(f"`{name}` {value:g}" for name, value in used.items())
+    if not rows:
+        return [f"Label smoothing of the recipes: {state}; not measured yet.", ""]
+    per_seed = label_smoothing.differences(rows)
+    setting = reproduce.SETTINGS[label_smoothing.MODEL]
+    return [
+        f'Label smoothing (the issue\'s "if it helps"): smoothing {label_smoothing.SMOOTHING:g} '
+        f"changed {LABELS[label_smoothing.MODEL]} x{setting['width']:g}'s test top-1 by "
+        f"{', '.join(f'{d:+.2f}' for d in per_seed)} points over {len(per_seed)} seeds "
+        f"(mean {sum(per_seed) / len(per_seed):+.2f}; {setting['epochs']} epochs of the fast "
+        "schedule on this CPU, [label_smoothing.md](label_smoothing.md)). Label smoothing of "
+        f"the recipes: {state}.",
+        "",
+    ]
 
 
 def _plot_training(found: Mapping[str, Any], path: Path) -> Path:
@@ -453,6 +474,7 @@ def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
         "",
         f"![training]({plot.relative_to(reports).as_posix()})",
         "",
+        *_label_smoothing_lines(reports),
     ]
     lines += _cpu_mode_section(found.get("cpu_runs", {}), found["models"])
     for name, result in found["models"].items():

@@ -465,3 +465,33 @@ def test_the_report_shows_this_cpus_run_under_way(fullwidth, tmp_path):
     assert runs["vgg11_bn"]["step"] == 100 and runs["vgg11_bn"]["steps"] == 30 * 390
     lines = fullwidth_report._cpu_mode_section(runs, {"vgg11_bn": {"recipe": "gpu"}})
     assert "| VGG11-BN x1 | 100 of 11700 | 1 | 50.00% | 150 | 0 | 0 | the GPU run |" in lines
+
+
+def test_label_smoothing_is_recorded_only_when_set_and_reported(fullwidth, tmp_path):
+    import fullwidth_report
+    import label_smoothing
+
+    tiny = fullwidth.RECIPES["tiny"]
+    # a recipe without smoothing records what models trained before the field existed did
+    assert "label_smoothing" not in fullwidth._recorded_recipe(tiny, 1)
+    smoothed = fullwidth.dataclasses.replace(tiny, label_smoothing=0.1)
+    assert fullwidth._recorded_recipe(smoothed, 1)["label_smoothing"] == 0.1
+    assert "label smoothing 0.1" in fullwidth_report._recipe_line(
+        {"recipe": fullwidth._recorded_recipe(smoothed, 1)}
+    )
+    assert "not measured yet" in fullwidth_report._label_smoothing_lines(tmp_path)[0]
+    rows = [
+        dict(label_smoothing=s, seed=seed, test_top1=top1, epochs=10.0, test_loss=0.6,
+             train_loss=0.9, train_acc=80.0, best_epoch_top1=top1)
+        for s, seed, top1 in ((0.0, 0, 81.0), (0.1, 0, 80.5), (0.0, 1, 80.0), (0.1, 1, 80.25))
+    ]  # fmt: skip
+    csv_path = tmp_path / "data" / label_smoothing.CSV.name
+    sys.modules["reproduce"]._write_rows(rows, csv_path)
+    read = label_smoothing.read_rows(csv_path)
+    assert label_smoothing.differences(read) == pytest.approx([-0.5, 0.25])
+    line = fullwidth_report._label_smoothing_lines(tmp_path)[0]
+    assert "by -0.50, +0.25 points over 2 seeds (mean -0.12;" in line
+    assert "`gpu` 0, `cpu` 0." in line
+    text = label_smoothing.markdown(read)
+    assert "| 0.1 | 1 | 80.25% |" in text and "mean -0.12." in text
+    assert "No gain measured: the differences are within the 1.00 points" in text
