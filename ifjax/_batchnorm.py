@@ -186,11 +186,12 @@ def _nnx_recalibrated(module, batches, kwargs) -> Any:
     def batch_stats(state: Any, x: Any) -> Any:
         net = nnx.merge(graphdef, state)
         for norm in [m for _, m in nnx.iter_modules(net) if isinstance(m, nnx.BatchNorm)]:
-            norm.mean.value = jnp.zeros_like(norm.mean.value)
-            norm.var.value = jnp.zeros_like(norm.var.value)
+            # variable[...]: flax's array access (current flax deprecates ``.value``)
+            norm.mean[...] = jnp.zeros_like(norm.mean[...])
+            norm.var[...] = jnp.zeros_like(norm.var[...])
         net(x, **kwargs)
         return [
-            (norm.mean.value / (1 - norm.momentum), norm.var.value / (1 - norm.momentum))
+            (norm.mean[...] / (1 - norm.momentum), norm.var[...] / (1 - norm.momentum))
             for norm in [m for _, m in nnx.iter_modules(net) if isinstance(m, nnx.BatchNorm)]
         ]
 
@@ -202,7 +203,7 @@ def _nnx_recalibrated(module, batches, kwargs) -> Any:
     if count == 0:
         raise ValueError("recalibrate_batchnorm needs at least one batch")
     for norm, (mean, var) in zip(norms, total, strict=True):
-        norm.mean.value, norm.var.value = mean / count, var / count
+        norm.mean[...], norm.var[...] = mean / count, var / count
     copy.eval()
     return copy
 
