@@ -96,7 +96,8 @@ def _plot_training(found: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(50, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no curve yet (e.g. a run cut short): no legend
+        ax.legend(fontsize=8)
     ax.set_title("Full-width training (bands: the paper's base accuracies)", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
