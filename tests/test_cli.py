@@ -163,6 +163,10 @@ def test_split_pipelines_take_overwrite_and_distributed_flags(calls, capsys, com
     assert cli.main(OFF + [command, "--workdir", "w"]) == 0
     assert [name for name, _ in calls] == [command.replace("-", "_")]
     assert calls[0][1]["overwrite"] is False and calls[0][1]["workdir"] == "w"
+    assert calls[0][1]["label_smoothing"] == 0.0
+    calls.clear()
+    assert cli.main(OFF + [command, "--workdir", "w", "--label-smoothing", "0.1"]) == 0
+    assert calls[0][1]["label_smoothing"] == 0.1
 
 
 def test_distributed_without_flags_leaves_them_to_jax(calls):
