@@ -817,8 +817,8 @@ def _cpu_runs(runs: Path) -> dict[str, dict[str, Any]]:
             history=history,
             step=int(checkpoints[-1].name.split("_")[1]) if checkpoints else 0,
             steps=recipe.epochs[name] * (50_000 // recipe.batch_size),
-            datafree=len(_datafree_rows(workdir)),
-            table1=len(reproduce.read_journal(workdir / "table1.jsonl")),
+            datafree=_datafree_rows(workdir),
+            table1=list(reproduce.read_journal(workdir / "table1.jsonl").values()),
         )
     return found
 

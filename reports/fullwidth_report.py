@@ -236,13 +236,26 @@ def _datafree_section(name: str, result: Mapping[str, Any], reports: Path) -> li
     return lines
 
 
+def _table1_pairs(rows: Sequence[Mapping[str, Any]]) -> dict[float, tuple[Mapping, Mapping]]:
+    """Table 1's rows by sparsity: (Default's row, Intra-Fusion's row), where both are done."""
+    by = {(round(r["sparsity"], 6), r["method"]): r for r in rows}
+    return {
+        s: (by[(s, "default")], by[(s, "intra_fusion")])
+        for s in sorted({k[0] for k in by})
+        if (s, "default") in by and (s, "intra_fusion") in by
+    }
+
+
+def _finetuned_gain(pair: tuple[Mapping, Mapping]) -> float:
+    return pair[1]["finetuned_top1"] - pair[0]["finetuned_top1"]
+
+
 def _table1_section(name: str, result: Mapping[str, Any], reports: Path) -> list[str]:
     rows = result["table1"]
     if not rows:
         return [f"Not run yet for {LABELS[name]}.", ""]
     csv_path = reproduce._write_rows(rows, reports / "data" / f"fullwidth_table1_{name}.csv")
     table = paper.paper_finetuned(name, "cifar10") or {}
-    by = {(round(r["sparsity"], 6), r["method"]): r for r in rows}
     epochs = rows[0]["finetune_epochs"]
     lines = [
         f"All groups pruned at once (l1, BatchNorm folded, exact solver), evaluated, then "
@@ -257,11 +270,8 @@ def _table1_section(name: str, result: Mapping[str, Any], reports: Path) -> list
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     agree = compared = 0
-    for sparsity in sorted({k[0] for k in by}):
-        d, f = by.get((sparsity, "default")), by.get((sparsity, "intra_fusion"))
-        if d is None or f is None:
-            continue
-        gain = f["finetuned_top1"] - d["finetuned_top1"]
+    for sparsity, (d, f) in _table1_pairs(rows).items():
+        gain = _finetuned_gain((d, f))
         theirs = table.get(sparsity)
         paper_cols = "- | - | -"
         if theirs is not None:
@@ -312,8 +322,7 @@ def _summary(found: Mapping[str, Any]) -> list[str]:
         pairs, cells = _paired(rows)
         if pairs:
             ours, theirs = np.array(pairs).T
-            agree = sum(reproduce._sign(a) == reproduce._sign(b) for a, b in pairs)
-            corr = np.corrcoef(ours, theirs)[0, 1] if np.std(ours) * np.std(theirs) else 0.0
+            agree, corr = reproduce._agreement(ours, theirs)
             lines.append(
                 f"- **{label} data-free** ({len(pairs)} of our {len(cells)} cells are in the "
                 f"paper; {', '.join(sorted({r['importance'] for r in rows}))}): Intra-Fusion's "
@@ -339,14 +348,10 @@ def _summary(found: Mapping[str, Any]) -> list[str]:
                 )
             )
         table = paper.paper_finetuned(name, "cifar10") or {}
-        by = {(round(r["sparsity"], 6), r["method"]): r for r in result["table1"]}
         gains = [
-            (
-                by[(s, "intra_fusion")]["finetuned_top1"] - by[(s, "default")]["finetuned_top1"],
-                table[s][2] - table[s][1],
-            )
-            for s in sorted({k[0] for k in by})
-            if (s, "default") in by and (s, "intra_fusion") in by and s in table
+            (_finetuned_gain(pair), table[s][2] - table[s][1])
+            for s, pair in _table1_pairs(result["table1"]).items()
+            if s in table
         ]
         if gains:
             agree = sum(reproduce._sign(a) == reproduce._sign(b) for a, b in gains)
@@ -434,7 +439,7 @@ def _cpu_mode_section(runs: Mapping[str, Any], shown: Mapping[str, Any]) -> list
         used = shown.get(name, {}).get("recipe") == "cpu"
         lines.append(
             f"| {LABELS[name]} x1 | {step} of {run['steps']} | {len(history)} | {last} | "
-            f"{rate} | {run['datafree']} | {run['table1']} | "
+            f"{rate} | {len(run['datafree'])} | {len(run['table1'])} | "
             f"{'this run' if used else 'the GPU run'} |"
         )
     lines += [
@@ -443,7 +448,128 @@ def _cpu_mode_section(runs: Mapping[str, Any], shown: Mapping[str, Any]) -> list
         "VGG11-BN's).",
         "",
     ]
+    for name, run in runs.items():
+        if name in shown and shown[name].get("recipe") != "cpu":
+            lines += _beside_lines(name, run, shown[name])
     return lines
+
+
+def _with_paper(name: str, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    label = dict(model=name, dataset="cifar10")
+    return sweep.add_paper_columns([label | r for r in rows], paper.paper_datafree(name, "cifar10"))
+
+
+def _better_equal_worse(gains: Sequence[float]) -> str:
+    gains = np.asarray(gains)
+    better, worse = int(np.sum(gains > 1e-6)), int(np.sum(gains < -1e-6))
+    return f"{better} / {len(gains) - better - worse} / {worse}"
+
+
+def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -> list[str]:
+    """This CPU's own model's data-free and Table 1 results beside those of the report's
+    model (trained elsewhere) and the paper's, over the cells and rows both have: a second,
+    independently trained model at full width shows which findings are the method's and
+    which belong to one set of weights."""
+    methods = ("default", "intra_fusion", "intra_fusion_sinkhorn")
+    here = reproduce._cells(_with_paper(name, run["datafree"]))
+    there = reproduce._cells(_with_paper(name, shown["datafree"]))
+    common = sorted(
+        k for k in here if k in there and all(m in here[k] and m in there[k] for m in methods)
+    )
+    if not common and not run["table1"]:
+        return []
+    label, other = LABELS[name], _device(shown)
+    lines = [
+        f"### {label} trained here, beside the report's model (trained on {other})",
+        "",
+        f"This CPU's own {label} ({run['train']['test_top1']:.2f}% after "
+        f"{run['train']['epochs_run']} epochs) went through the same stages on this CPU. Over "
+        "the cells and rows both models have, a second, independently trained model shows "
+        "which findings are the method's and which belong to one set of weights.",
+        "",
+    ]
+    if common:
+        columns = [[c[k] for k in common] for c in (here, there)]
+        measures = [
+            ("base top-1, folded", lambda cs: f"{cs[0]['base']:.2f}"),
+            ("Default top-1, mean", lambda cs: f"{np.mean([c['default'] for c in cs]):.2f}"),
+        ]
+        for method in methods[1:]:
+            variant = reproduce.LABELS[method]
+            measures += [
+                (
+                    f"{variant}: mean gain",
+                    lambda cs, m=method: f"{np.mean([reproduce._gain(c, m) for c in cs]):+.2f}",
+                ),
+                (
+                    f"{variant}: better / equal / worse than Default",
+                    lambda cs, m=method: _better_equal_worse([reproduce._gain(c, m) for c in cs]),
+                ),
+            ]
+        lines += [
+            f"Data-free, the {len(common)} cells both have "
+            f"({', '.join(sorted({k[2] for k in common}))}; groups {common[0][0]}-"
+            f"{max(k[0] for k in common)}):",
+            "",
+            f"| | this CPU's model | the model trained on {other} |",
+            "|---|---:|---:|",
+            *(
+                f"| {text} | {value(columns[0])} | {value(columns[1])} |"
+                for text, value in measures
+            ),
+        ]
+        in_paper = [k for k in common if "paper_gain" in here[k]]
+        if in_paper:
+            theirs = [here[k]["paper_gain"] for k in in_paper]
+            agree = [
+                reproduce._agreement([reproduce._gain(c[k]) for k in in_paper], theirs)
+                for c in (here, there)
+            ]
+            lines += [
+                f"| {reproduce.LABELS['intra_fusion']}: sign agrees with the paper "
+                f"({len(in_paper)} cells) | {agree[0][0]}/{len(in_paper)} | "
+                f"{agree[1][0]}/{len(in_paper)} |",
+                f"| {reproduce.LABELS['intra_fusion']}: correlation with the paper's gains | "
+                f"{agree[0][1]:.2f} | {agree[1][1]:.2f} |",
+            ]
+        gains = [[reproduce._gain(c[k]) for k in common] for c in (here, there)]
+        same, corr = reproduce._agreement(*gains)
+        difference = np.abs(np.subtract(*gains))
+        lines += [
+            "",
+            f"Between the two models, {reproduce.LABELS['intra_fusion']}'s gain has the same "
+            f"sign in {same}/{len(common)} cells and correlates at {corr:.2f}; it differs by "
+            f"{difference.mean():.2f} points on average (max {difference.max():.2f}).",
+            "",
+        ]
+    if run["table1"]:
+        lines += _table1_beside(name, run["table1"], shown["table1"], other)
+    return lines
+
+
+def _table1_beside(
+    name: str, here: Sequence[Mapping[str, Any]], there: Sequence[Mapping[str, Any]], other: str
+) -> list[str]:
+    table = paper.paper_finetuned(name, "cifar10") or {}
+    elsewhere = _table1_pairs(there)
+    lines = [
+        f"Table 1 ({here[0]['finetune_epochs']} fine-tuning epoch(s) each):",
+        "",
+        "| neuron sparsity | Default pruned | IF pruned | Default fine-tuned | IF fine-tuned | "
+        f"gain, this CPU's model | gain, the model trained on {other} | paper gain |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for sparsity, (d, f) in _table1_pairs(here).items():
+        other_gain = _finetuned_gain(elsewhere[sparsity]) if sparsity in elsewhere else None
+        paper_gain = table[sparsity][2] - table[sparsity][1] if sparsity in table else None
+        lines.append(
+            f"| {sparsity:.0%} | {d['pruned_top1']:.2f} | {f['pruned_top1']:.2f} | "
+            f"{d['finetuned_top1']:.2f} | {f['finetuned_top1']:.2f} | "
+            f"{_finetuned_gain((d, f)):+.2f} | "
+            + " | ".join("-" if g is None else f"{g:+.2f}" for g in (other_gain, paper_gain))
+            + " |"
+        )
+    return [*lines, ""]
 
 
 def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:

@@ -263,6 +263,15 @@ def _sign(value: float) -> int:
     return int(np.sign(round(value, 6)))
 
 
+def _agreement(ours: Sequence[float], theirs: Sequence[float]) -> tuple[int, float]:
+    """How far two sets of paired gains agree: (pairs with the same sign, correlation;
+    0 where either set is constant)."""
+    ours, theirs = np.asarray(ours, dtype=float), np.asarray(theirs, dtype=float)
+    agree = sum(_sign(a) == _sign(b) for a, b in zip(ours, theirs, strict=True))
+    corr = float(np.corrcoef(ours, theirs)[0, 1]) if np.std(ours) * np.std(theirs) else 0.0
+    return agree, corr
+
+
 def _summary_lines(cells: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
     lines = [
         "| importance | variant | cells | mean gain | IF better / equal / worse | "
@@ -281,8 +290,7 @@ def _summary_lines(cells: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
             if paired:
                 ours = np.array([_gain(c, method) for c in paired])
                 theirs = np.array([c["paper_gain"] for c in paired])
-                agree = sum(_sign(a) == _sign(b) for a, b in zip(ours, theirs, strict=True))
-                corr = np.corrcoef(ours, theirs)[0, 1] if np.std(ours) * np.std(theirs) else 0
+                agree, corr = _agreement(ours, theirs)
                 paper_cols = f"{agree}/{len(paired)} | {theirs.mean():+.2f} | {corr:.2f}"
             else:
                 paper_cols = "- | - | -"

@@ -463,7 +463,8 @@ def test_the_report_shows_this_cpus_run_under_way(fullwidth, tmp_path):
     runs = fullwidth._cpu_runs(tmp_path)
     assert list(runs) == ["vgg11_bn"]
     assert runs["vgg11_bn"]["step"] == 100 and runs["vgg11_bn"]["steps"] == 30 * 390
-    lines = fullwidth_report._cpu_mode_section(runs, {"vgg11_bn": {"recipe": "gpu"}})
+    shown = {"vgg11_bn": {"recipe": "gpu", "datafree": [], "table1": []}}
+    lines = fullwidth_report._cpu_mode_section(runs, shown)
     assert "| VGG11-BN x1 | 100 of 11700 | 1 | 50.00% | 150 | 0 | 0 | the GPU run |" in lines
 
 
@@ -495,3 +496,61 @@ def test_label_smoothing_is_recorded_only_when_set_and_reported(fullwidth, tmp_p
     text = label_smoothing.markdown(read)
     assert "| 0.1 | 1 | 80.25% |" in text and "mean -0.12." in text
     assert "No gain measured: the differences are within the 1.00 points" in text
+
+
+def test_the_cpus_own_model_is_shown_beside_the_reports_model(fullwidth):
+    """The CPU-trained model's sweep and Table 1 are set beside the GPU-trained model's,
+    over the cells and rows both have, with the numbers computed from the rows."""
+    import fullwidth_report
+
+    def datafree(group, default, exact, sinkhorn, base):
+        top1 = dict(default=default, intra_fusion=exact, intra_fusion_sinkhorn=sinkhorn)
+        return [
+            dict(
+                group=group,
+                sparsity=0.3,
+                importance="l1",
+                scoring="l1",
+                converged=True,
+                method=m,
+                top1=t,
+                base_top1=base,
+            )
+            for m, t in top1.items()
+        ]
+
+    def table1(sparsity, default, fused):
+        return [
+            dict(sparsity=sparsity, method=m, pruned_top1=p, finetuned_top1=f, finetune_epochs=1)
+            for m, p, f in (("default", 50.0, default), ("intra_fusion", 60.0, fused))
+        ]
+
+    machine = dict(platform="gpu", device="NVIDIA H200", jax="0.11.2")
+    gpu = dict(
+        recipe="gpu",
+        train=dict(machine=machine),
+        datafree=[*datafree(0, 80.0, 81.0, 81.5, 88.0), *datafree(1, 70.0, 75.0, 75.0, 88.0)],
+        table1=table1(0.4, 80.0, 82.0),
+    )
+    cpu = dict(
+        train=dict(test_top1=87.5, epochs_run=30),
+        # group 1's cell is not finished here (no Sinkhorn yet): left out of the comparison
+        datafree=[*datafree(0, 79.0, 78.0, 78.5, 87.0), *datafree(1, 60.0, 70.0, 70.0, 87.0)[:2]],
+        table1=[*table1(0.4, 79.0, 78.5), *table1(0.6, 70.0, 71.0)[:1]],
+    )
+    lines = fullwidth_report._beside_lines("vgg11_bn", cpu, gpu)
+    text = "\n".join(lines)
+    assert "the 1 cells both have (l1; groups 0-0)" in text
+    assert "| base top-1, folded | 87.00 | 88.00 |" in lines
+    assert "| Default top-1, mean | 79.00 | 80.00 |" in lines
+    assert "| Intra-Fusion (exact): mean gain | -1.00 | +1.00 |" in lines
+    assert (
+        "| Intra-Fusion (Sinkhorn): better / equal / worse than Default | 0 / 0 / 1 | 1 / 0 / 0 |"
+        in lines
+    )
+    assert "same sign in 0/1 cells" in text and "differs by 2.00 points on average" in text
+    # Table 1: 60% has only Default's row here, so only 40% is compared
+    assert "| 40% | 50.00 | 60.00 | 79.00 | 78.50 | -0.50 | +2.00 | +0.24 |" in lines
+    assert not any(line.startswith("| 60%") for line in lines)
+    # nothing in common and no Table 1 yet: no section
+    assert fullwidth_report._beside_lines("vgg11_bn", dict(cpu, datafree=[], table1=[]), gpu) == []
