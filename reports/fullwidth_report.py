@@ -363,6 +363,10 @@ def _summary(found: Mapping[str, Any]) -> list[str]:
                 f"({', '.join(f'{b:+.2f}' for _, b in gains)}) because so short a fine-tune "
                 "leaves both far from convergence, where the better start still shows."
             )
+    for name, run in found.get("cpu_runs", {}).items():
+        shown = found["models"].get(name)
+        if shown is not None and shown.get("recipe") != "cpu" and run["train"]:
+            lines.append(_other_model_line(name, run, shown))
     missing = []
     for name, result in found["models"].items():
         counts = collections.Counter(r["importance"] for r in result["datafree"])
@@ -465,17 +469,60 @@ def _better_equal_worse(gains: Sequence[float]) -> str:
     return f"{better} / {len(gains) - better - worse} / {worse}"
 
 
-def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -> list[str]:
-    """This CPU's own model's data-free and Table 1 results beside those of the report's
-    model (trained elsewhere) and the paper's, over the cells and rows both have: a second,
-    independently trained model at full width shows which findings are the method's and
-    which belong to one set of weights."""
+def _common_cells(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]):
+    """The data-free cells of this CPU's model (``run``) and of the report's (``shown``), and
+    the keys of those both have finished (Default and both Intra-Fusion variants)."""
     methods = ("default", "intra_fusion", "intra_fusion_sinkhorn")
     here = reproduce._cells(_with_paper(name, run["datafree"]))
     there = reproduce._cells(_with_paper(name, shown["datafree"]))
     common = sorted(
         k for k in here if k in there and all(m in here[k] and m in there[k] for m in methods)
     )
+    return here, there, common
+
+
+def _between_models(here, there, common) -> tuple[list[list[float]], int, float]:
+    """Intra-Fusion's (exact) gains of the two models over ``common``, the cells where their
+    signs agree, and their correlation."""
+    gains = [[reproduce._gain(c[k]) for k in common] for c in (here, there)]
+    return gains, *reproduce._agreement(*gains)
+
+
+def _other_model_line(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -> str:
+    """The summary's line on this CPU's own model, set against the report's model."""
+    label, other = LABELS[name], _device(shown)
+    text = (
+        f"- **{label} trained on this CPU** (recipe `cpu`): {run['train']['test_top1']:.2f}% "
+        f"after {run['train']['epochs_run']} epochs"
+    )
+    here, there, common = _common_cells(name, run, shown)
+    if common:
+        gains, same, corr = _between_models(here, there, common)
+        text += (
+            f"; over the {len(common)} data-free cells both models have "
+            f"({', '.join(sorted({k[2] for k in common}))}), Intra-Fusion's gain has the same "
+            f"sign as the model trained on {other} in {same}/{len(common)} and correlates with "
+            f"it at {corr:.2f} (mean {np.mean(gains[0]):+.2f} vs {np.mean(gains[1]):+.2f} "
+            "points)"
+        )
+    mine, theirs = _table1_pairs(run["table1"]), _table1_pairs(shown["table1"])
+    both = [s for s in mine if s in theirs]
+    if both:
+        text += (
+            f"; Table 1 at {', '.join(f'{s:.0%}' for s in both)}: gains after fine-tuning "
+            f"{', '.join(f'{_finetuned_gain(mine[s]):+.2f}' for s in both)} vs "
+            f"{', '.join(f'{_finetuned_gain(theirs[s]):+.2f}' for s in both)}"
+        )
+    return text + " (details under CPU mode)."
+
+
+def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -> list[str]:
+    """This CPU's own model's data-free and Table 1 results beside those of the report's
+    model (trained elsewhere) and the paper's, over the cells and rows both have: a second,
+    independently trained model at full width shows which findings are the method's and
+    which belong to one set of weights."""
+    methods = ("default", "intra_fusion", "intra_fusion_sinkhorn")
+    here, there, common = _common_cells(name, run, shown)
     if not common and not run["table1"]:
         return []
     label, other = LABELS[name], _device(shown)
@@ -532,8 +579,7 @@ def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -
                 f"| {reproduce.LABELS['intra_fusion']}: correlation with the paper's gains | "
                 f"{agree[0][1]:.2f} | {agree[1][1]:.2f} |",
             ]
-        gains = [[reproduce._gain(c[k]) for k in common] for c in (here, there)]
-        same, corr = reproduce._agreement(*gains)
+        gains, same, corr = _between_models(here, there, common)
         difference = np.abs(np.subtract(*gains))
         lines += [
             "",

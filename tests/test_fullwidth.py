@@ -552,5 +552,10 @@ def test_the_cpus_own_model_is_shown_beside_the_reports_model(fullwidth):
     # Table 1: 60% has only Default's row here, so only 40% is compared
     assert "| 40% | 50.00 | 60.00 | 79.00 | 78.50 | -0.50 | +2.00 | +0.24 |" in lines
     assert not any(line.startswith("| 60%") for line in lines)
+    # the summary's line says the same in one sentence
+    line = fullwidth_report._other_model_line("vgg11_bn", cpu, gpu)
+    assert "87.50% after 30 epochs" in line
+    assert "same sign as the model trained on NVIDIA H200 (jax 0.11.2) in 0/1" in line
+    assert "Table 1 at 40%: gains after fine-tuning -0.50 vs +2.00" in line
     # nothing in common and no Table 1 yet: no section
     assert fullwidth_report._beside_lines("vgg11_bn", dict(cpu, datafree=[], table1=[]), gpu) == []
