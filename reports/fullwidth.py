@@ -427,7 +427,7 @@ def datafree_stage(
             methods=METHODS,
             paper_lamp=True,
             gradients=gradients,
-            progress=False,
+            progress=True,  # rate and ETA on stderr, one update per evaluation
             journal=workdir / f"datafree_{importance}.jsonl",
             stop_when=lambda: not deadline.allows(DATAFREE_CELL_S),
         )
@@ -494,7 +494,7 @@ def table1_stage(
                 nesterov=True,
                 max_steps=recipe.max_steps,
                 compute_dtype=recipe.compute_dtype,
-                log_every=None,
+                log_every=100,  # a line with rate and ETA (an epoch here is 390 steps)
                 progress_bar=False,
             )
             row = dict(
