@@ -505,6 +505,15 @@ def _other_model_line(name: str, run: Mapping[str, Any], shown: Mapping[str, Any
             f"it at {corr:.2f} (mean {np.mean(gains[0]):+.2f} vs {np.mean(gains[1]):+.2f} "
             "points)"
         )
+        first = max(k[0] for k in common)
+        worse = [
+            sum(reproduce._gain(c[k]) < 0 for k in common if k[0] == first) for c in (here, there)
+        ]
+        cells = sum(k[0] == first for k in common)
+        text += (
+            f"; on the first convolution (group {first}) Intra-Fusion is worse than Default in "
+            f"{worse[0]}/{cells} of its cells (the other model: {worse[1]}/{cells})"
+        )
     mine, theirs = _table1_pairs(run["table1"]), _table1_pairs(shown["table1"])
     both = [s for s in mine if s in theirs]
     if both:
@@ -588,6 +597,26 @@ def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -
             f"{difference.mean():.2f} points on average (max {difference.max():.2f}).",
             "",
         ]
+        first = max(k[0] for k in common)
+        lines += [
+            f"Group {first} (the first convolution's output channels), both models:",
+            "",
+            "| importance | sparsity | Default, this CPU's model | gain | Default, the other "
+            "model | gain | paper's Default | paper's gain |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key in sorted((k for k in common if k[0] == first), key=lambda k: (k[2], k[1])):
+            a, b = here[key], there[key]
+            paper_cols = (
+                f"{a['paper_default']:.2f} | {a['paper_gain']:+.2f}"
+                if "paper_gain" in a
+                else "- | -"
+            )
+            lines.append(
+                f"| {key[2]} | {key[1]:.0%} | {a['default']:.2f} | {reproduce._gain(a):+.2f} | "
+                f"{b['default']:.2f} | {reproduce._gain(b):+.2f} | {paper_cols} |"
+            )
+        lines.append("")
     if run["table1"]:
         lines += _table1_beside(name, run["table1"], shown["table1"], other)
     return lines

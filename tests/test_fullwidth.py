@@ -549,6 +549,8 @@ def test_the_cpus_own_model_is_shown_beside_the_reports_model(fullwidth):
         in lines
     )
     assert "same sign in 0/1 cells" in text and "differs by 2.00 points on average" in text
+    # the first convolution (here group 0, the farthest group both have), both models
+    assert any(line.startswith("| l1 | 30% | 79.00 | -1.00 | 80.00 | +1.00 |") for line in lines)
     # Table 1: 60% has only Default's row here, so only 40% is compared
     assert "| 40% | 50.00 | 60.00 | 79.00 | 78.50 | -0.50 | +2.00 | +0.24 |" in lines
     assert not any(line.startswith("| 60%") for line in lines)
@@ -557,5 +559,6 @@ def test_the_cpus_own_model_is_shown_beside_the_reports_model(fullwidth):
     assert "87.50% after 30 epochs" in line
     assert "same sign as the model trained on NVIDIA H200 (jax 0.11.2) in 0/1" in line
     assert "Table 1 at 40%: gains after fine-tuning -0.50 vs +2.00" in line
+    assert "worse than Default in 1/1 of its cells (the other model: 0/1)" in line
     # nothing in common and no Table 1 yet: no section
     assert fullwidth_report._beside_lines("vgg11_bn", dict(cpu, datafree=[], table1=[]), gpu) == []
