@@ -618,17 +618,25 @@ def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -
             )
         lines.append("")
     if run["table1"]:
-        lines += _table1_beside(name, run["table1"], shown["table1"], other)
+        lines += _table1_beside(name, run, shown)
     return lines
 
 
-def _table1_beside(
-    name: str, here: Sequence[Mapping[str, Any]], there: Sequence[Mapping[str, Any]], other: str
-) -> list[str]:
+def _table1_beside(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -> list[str]:
     table = paper.paper_finetuned(name, "cifar10") or {}
-    elsewhere = _table1_pairs(there)
+    here, elsewhere, other = run["table1"], _table1_pairs(shown["table1"]), _device(shown)
+
+    def steps(result: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+        trained = result["train"]
+        return (
+            f"{rows[0]['finetune_epochs'] * trained['steps_per_epoch']} steps of batch "
+            f"{trained['recipe']['batch_size']}"
+        )
+
     lines = [
-        f"Table 1 ({here[0]['finetune_epochs']} fine-tuning epoch(s) each):",
+        f"Table 1: each model fine-tuned with its training batch, {steps(run, here)} here"
+        + (f", {steps(shown, shown['table1'])} on {other}" if shown["table1"] else "")
+        + " (the same constant learning rate 0.01 per batch of 128, scaled linearly).",
         "",
         "| neuron sparsity | Default pruned | IF pruned | Default fine-tuned | IF fine-tuned | "
         f"gain, this CPU's model | gain, the model trained on {other} | paper gain |",

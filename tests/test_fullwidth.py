@@ -528,12 +528,12 @@ def test_the_cpus_own_model_is_shown_beside_the_reports_model(fullwidth):
     machine = dict(platform="gpu", device="NVIDIA H200", jax="0.11.2")
     gpu = dict(
         recipe="gpu",
-        train=dict(machine=machine),
+        train=dict(machine=machine, steps_per_epoch=97, recipe=dict(batch_size=512)),
         datafree=[*datafree(0, 80.0, 81.0, 81.5, 88.0), *datafree(1, 70.0, 75.0, 75.0, 88.0)],
         table1=table1(0.4, 80.0, 82.0),
     )
     cpu = dict(
-        train=dict(test_top1=87.5, epochs_run=30),
+        train=dict(test_top1=87.5, epochs_run=30, steps_per_epoch=390, recipe=dict(batch_size=128)),
         # group 1's cell is not finished here (no Sinkhorn yet): left out of the comparison
         datafree=[*datafree(0, 79.0, 78.0, 78.5, 87.0), *datafree(1, 60.0, 70.0, 70.0, 87.0)[:2]],
         table1=[*table1(0.4, 79.0, 78.5), *table1(0.6, 70.0, 71.0)[:1]],
@@ -551,7 +551,9 @@ def test_the_cpus_own_model_is_shown_beside_the_reports_model(fullwidth):
     assert "same sign in 0/1 cells" in text and "differs by 2.00 points on average" in text
     # the first convolution (here group 0, the farthest group both have), both models
     assert any(line.startswith("| l1 | 30% | 79.00 | -1.00 | 80.00 | +1.00 |") for line in lines)
-    # Table 1: 60% has only Default's row here, so only 40% is compared
+    # Table 1: each model's fine-tuning steps named; 60% has only Default's row here, so
+    # only 40% is compared
+    assert "390 steps of batch 128 here, 97 steps of batch 512 on NVIDIA H200" in text
     assert "| 40% | 50.00 | 60.00 | 79.00 | 78.50 | -0.50 | +2.00 | +0.24 |" in lines
     assert not any(line.startswith("| 60%") for line in lines)
     # the summary's line says the same in one sentence
