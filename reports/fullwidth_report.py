@@ -315,10 +315,7 @@ def _summary(found: Mapping[str, Any]) -> list[str]:
             f"{_device(result)}{checked}, against the paper's {low:.1f}-{high:.1f}% after 300 "
             f"epochs: {t['test_top1'] - low:+.1f} points from the paper's low end."
         )
-        rows = sweep.add_paper_columns(
-            [dict(model=name, dataset="cifar10") | r for r in result["datafree"]],
-            paper.paper_datafree(name, "cifar10"),
-        )
+        rows = _with_paper(name, result["datafree"])
         pairs, cells = _paired(rows)
         if pairs:
             ours, theirs = np.array(pairs).T
@@ -463,16 +460,10 @@ def _with_paper(name: str, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     return sweep.add_paper_columns([label | r for r in rows], paper.paper_datafree(name, "cifar10"))
 
 
-def _better_equal_worse(gains: Sequence[float]) -> str:
-    gains = np.asarray(gains)
-    better, worse = int(np.sum(gains > 1e-6)), int(np.sum(gains < -1e-6))
-    return f"{better} / {len(gains) - better - worse} / {worse}"
-
-
 def _common_cells(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]):
     """The data-free cells of this CPU's model (``run``) and of the report's (``shown``), and
     the keys of those both have finished (Default and both Intra-Fusion variants)."""
-    methods = ("default", "intra_fusion", "intra_fusion_sinkhorn")
+    methods = reproduce.METHODS[:3]  # Default, Intra-Fusion exact and Sinkhorn
     here = reproduce._cells(_with_paper(name, run["datafree"]))
     there = reproduce._cells(_with_paper(name, shown["datafree"]))
     common = sorted(
@@ -530,7 +521,6 @@ def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -
     model (trained elsewhere) and the paper's, over the cells and rows both have: a second,
     independently trained model at full width shows which findings are the method's and
     which belong to one set of weights."""
-    methods = ("default", "intra_fusion", "intra_fusion_sinkhorn")
     here, there, common = _common_cells(name, run, shown)
     if not common and not run["table1"]:
         return []
@@ -550,7 +540,7 @@ def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -
             ("base top-1, folded", lambda cs: f"{cs[0]['base']:.2f}"),
             ("Default top-1, mean", lambda cs: f"{np.mean([c['default'] for c in cs]):.2f}"),
         ]
-        for method in methods[1:]:
+        for method in reproduce.METHODS[1:3]:
             variant = reproduce.LABELS[method]
             measures += [
                 (
@@ -559,7 +549,9 @@ def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -
                 ),
                 (
                     f"{variant}: better / equal / worse than Default",
-                    lambda cs, m=method: _better_equal_worse([reproduce._gain(c, m) for c in cs]),
+                    lambda cs, m=method: reproduce._better_equal_worse(
+                        [reproduce._gain(c, m) for c in cs]
+                    ),
                 ),
             ]
         lines += [

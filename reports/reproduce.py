@@ -272,6 +272,13 @@ def _agreement(ours: Sequence[float], theirs: Sequence[float]) -> tuple[int, flo
     return agree, corr
 
 
+def _better_equal_worse(gains: Sequence[float]) -> str:
+    """ "better / equal / worse": gains above, within and below 1e-6 of zero."""
+    gains = np.asarray(gains)
+    better, worse = int(np.sum(gains > 1e-6)), int(np.sum(gains < -1e-6))
+    return f"{better} / {len(gains) - better - worse} / {worse}"
+
+
 def _summary_lines(cells: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
     lines = [
         "| importance | variant | cells | mean gain | IF better / equal / worse | "
@@ -285,7 +292,6 @@ def _summary_lines(cells: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
             if not have:
                 continue
             gains = np.array([_gain(c, method) for c in have])
-            better, worse = int(np.sum(gains > 1e-6)), int(np.sum(gains < -1e-6))
             paired = [c for c in have if "paper_gain" in c]
             if paired:
                 ours = np.array([_gain(c, method) for c in paired])
@@ -296,7 +302,7 @@ def _summary_lines(cells: Mapping[tuple, Mapping[str, Any]]) -> list[str]:
                 paper_cols = "- | - | -"
             lines.append(
                 f"| {importance} | {LABELS[method]} | {len(have)} | {gains.mean():+.2f} | "
-                f"{better} / {len(have) - better - worse} / {worse} | {paper_cols} |"
+                f"{_better_equal_worse(gains)} | {paper_cols} |"
             )
     return lines
 
