@@ -67,13 +67,18 @@ METHODS = ("default", "intra_fusion", "intra_fusion_sinkhorn")
 TABLE1_SPARSITIES = (0.4, 0.6, 0.7, 0.8)
 TABLE1_METHODS = ("default", "intra_fusion")
 STAGES = ("bench", "train", "datafree", "table1", "replicas", "report")
-RUNS = ROOT / "runs" / "fullwidth"
+# Where the runs live: their results (JSON, JSON lines, CSV) are tracked in git, since a
+# machine may be wiped between sessions and the results are what the reports are written
+# from; the weights and checkpoints there are ignored (.gitignore): they can be recomputed,
+# and a device run returns the weights it trained.
+RUNS = ROOT / "reports" / "runs" / "fullwidth"
 REPORTS = ROOT / "reports"
 FILE_LIMIT = 16 * 2**20  # one returned file
 TOTAL_LIMIT = 64 * 2**20  # all returned files
 MAX_FILES = 8
 RESERVED = 2 * 2**20  # kept free for the log
 WEIGHTS = "trained.npz"
+RESTORED = "restored.json"  # beside results restored from a report (their own files lost)
 RESULTS = "results.zip"
 PAPER_BASE = {"vgg11_bn": (89.6, 90.2), "resnet18": (95.0, 95.2)}
 
@@ -83,7 +88,7 @@ class Recipe:
     """How the base models are trained, fine-tuned and evaluated on one kind of machine.
 
     Attributes:
-      name: ``gpu``, ``cpu`` or ``tiny`` (the CI scale); results go to runs/fullwidth/<name>.
+      name: ``gpu``, ``cpu`` or ``tiny`` (the CI scale); it runs in RUNS/<name>.
       epochs: training epochs per model.
       batch_size: training batch.
       peak_lr: the one-cycle schedule's peak (``"fast"``: warm-up from peak/10 over 15%
@@ -316,8 +321,23 @@ def _recorded_recipe(recipe: Recipe, epochs: int) -> dict[str, Any]:
     return json.loads(json.dumps(recorded))
 
 
+def set_aside(workdir: Path) -> Path | None:
+    """Moves a model's results to ``<workdir>.<time>`` (kept, no longer reported); returns
+    where, or None when there is nothing to move."""
+    if not workdir.exists():
+        return None
+    aside = workdir.with_name(f"{workdir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    workdir.rename(aside)
+    return aside
+
+
 def train_stage(name: str, recipe: Recipe, data: Data, workdir: Path, epochs: int) -> dict:
-    """Trains (or resumes, or finds trained) the base model; returns its summary."""
+    """Trains (or resumes, or finds trained) the base model; returns its summary.
+
+    Results whose weights are gone with neither weights nor a checkpoint to resume from
+    (a device run starts bare; this machine may be wiped between sessions) belong to a
+    model that cannot be rebuilt: they are set aside (:func:`set_aside`) before training
+    anew, so that no journal of theirs is resumed with other weights."""
     summary_path = workdir / "train.json"
     summary = _read_json(summary_path)
     wanted = _recorded_recipe(recipe, epochs)
@@ -329,6 +349,9 @@ def train_stage(name: str, recipe: Recipe, data: Data, workdir: Path, epochs: in
             )
         _say(f"{name}: trained already ({summary['test_top1']:.2f}%)")
         return summary
+    if summary is not None and not training._checkpoints(workdir / "train" / "checkpoints"):
+        aside = set_aside(workdir)
+        _say(f"{name}: its weights are gone; its results were set aside to {aside}")
     model = _model(name, recipe)
     variables = init_variables(model, 0, (1, 32, 32, 3))
     loader = data_lib.DeviceBatches(data.train, recipe.batch_size, seed=0)
@@ -792,6 +815,7 @@ def _results(runs: Path) -> dict[str, Any]:
                 datafree=[dict(r) for r in _datafree_rows(root / name)],
                 datafree_machines=_read_json(root / name / DATAFREE_MACHINES) or {},
                 table1=list(reproduce.read_journal(root / name / "table1.jsonl").values()),
+                restored=_read_json(root / name / RESTORED),
             )
     found["cpu_runs"] = _cpu_runs(runs)
     return found
@@ -803,7 +827,7 @@ def _cpu_runs(runs: Path) -> dict[str, dict[str, Any]]:
     found = {}
     for name in MODELS:
         workdir = runs / recipe.name / name
-        if not (workdir / "train").is_dir():
+        if not (workdir / "train").is_dir() and not (workdir / "train.json").exists():
             continue
         checkpoints = training._checkpoints(workdir / "train" / "checkpoints")
         metrics = workdir / "train" / "metrics.jsonl"
@@ -819,6 +843,7 @@ def _cpu_runs(runs: Path) -> dict[str, dict[str, Any]]:
             steps=recipe.epochs[name] * (50_000 // recipe.batch_size),
             datafree=_datafree_rows(workdir),
             table1=list(reproduce.read_journal(workdir / "table1.jsonl").values()),
+            restored=_read_json(workdir / RESTORED),
         )
     return found
 

@@ -13,9 +13,9 @@ stay under 64 MiB: :func:`prepare_device` packs the zip's JPEG bytes into an 18 
 the second on the same machine, then the benches that lack rows; each command stops
 between units of work at its deadline and returns results and weights as at most 8 files
 of at most 16 MiB (``fullwidth._export``). :func:`unpack` puts them under
-``runs/fullwidth/gpu``, :func:`check_here` evaluates the returned weights on this machine,
-and the reports are written. A data-free sweep left incomplete continues on this CPU with
-the returned weights.
+``reports/runs/fullwidth/gpu`` (results tracked in git, weights not), :func:`check_here`
+evaluates the returned weights on this machine, and the reports are written. A data-free
+sweep left incomplete continues on this CPU with the returned weights.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -90,7 +89,6 @@ def unpack(returned: Path, runs: Path = RUNS, recipe: str = "gpu") -> list[Path]
     results = returned / RESULTS
     if not results.exists():
         raise FileNotFoundError(f"{returned} holds no {RESULTS}: not a device run's output")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     written = []
     with zipfile.ZipFile(results) as archive:
         members = archive.namelist()
@@ -102,8 +100,7 @@ def unpack(returned: Path, runs: Path = RUNS, recipe: str = "gpu") -> list[Path]
                 if present == json.loads(archive.read(summary)):
                     merged.add(name)
                     continue
-            if (root / name).exists():
-                (root / name).rename(root / f"{name}.{stamp}")
+            fullwidth.set_aside(root / name)
         for member in members:
             target = root / member
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -219,10 +216,11 @@ def device_work(runs: Path = RUNS, recipe: Recipe | None = None) -> dict[str, An
 
     Returns a dict with
 
-    * ``models``: models whose GPU results lack some of Table 1, ResNet18 first: they are
-      trained again with ``recipe`` (the ``gpu`` one) on the device, because a device
-      run starts bare (the weights cannot travel there beside the data and the wheels)
-      and fine-tuning at full width is out of this CPU's reach;
+    * ``models``: models whose GPU results lack some of Table 1, ResNet18 first, or lack
+      some of the data-free sweep with no weights here to continue it: they are trained
+      again with ``recipe`` (the ``gpu`` one) on the device, because a device run starts
+      bare (the weights cannot travel there beside the data and the wheels) and
+      fine-tuning at full width is out of this CPU's reach;
     * ``stale``: models whose results are whole but come from an earlier recipe (trained
       again once nothing else needs the GPU);
     * ``datafree_here``: models with Table 1 whole and a data-free sweep left incomplete,
@@ -236,16 +234,20 @@ def device_work(runs: Path = RUNS, recipe: Recipe | None = None) -> dict[str, An
     for name in ("resnet18", "vgg11_bn"):
         trained = fullwidth._read_json(root / name / "train.json")
         table1 = reproduce.read_journal(root / name / "table1.jsonl") if trained else {}
-        if not (root / name / WEIGHTS).exists() or len(table1) < len(
-            recipe.table1_sparsities
-        ) * len(TABLE1_METHODS):
+        rows = collections.Counter(r["importance"] for r in fullwidth._datafree_rows(root / name))
+        cells = _expected_cells(name, recipe)
+        datafree_whole = all(rows[i] >= cells for i in IMPORTANCES)
+        weights = (root / name / WEIGHTS).exists()
+        if (
+            trained is None
+            or len(table1) < len(recipe.table1_sparsities) * len(TABLE1_METHODS)
+            or not (datafree_whole or weights)
+        ):
             work["models"].append(name)
             continue
         if trained["recipe"] != fullwidth._recorded_recipe(recipe, recipe.epochs[name]):
             work["stale"].append(name)
-        rows = collections.Counter(r["importance"] for r in fullwidth._datafree_rows(root / name))
-        cells = _expected_cells(name, recipe)
-        if any(rows[i] < cells for i in IMPORTANCES):
+        if not datafree_whole:
             work["datafree_here"].append(name)
     bench = fullwidth._read_json(root / "bench.json") or []
     have = {(r["model"], r["batch_size"], r["framework"]) for r in bench if "error" not in r}

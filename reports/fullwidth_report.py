@@ -75,6 +75,10 @@ def _label_smoothing_lines(reports: Path) -> list[str]:
 
 
 def _plot_training(found: Mapping[str, Any], path: Path) -> Path:
+    """The test accuracy per epoch of each model; with no model's history at hand (results
+    restored without it, :func:`_restored_lines`) the figure drawn from it is kept."""
+    if path.exists() and not any(r["train"]["history"] for r in found["models"].values()):
+        return path
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,6 +107,27 @@ def _plot_training(found: Mapping[str, Any], path: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def _restored_lines(found: Mapping[str, Any]) -> list[str]:
+    """A line per run whose results were restored from an earlier report (``restored.json``,
+    written where a machine holding a run's own files was wiped): what it was restored from
+    and what is lost."""
+    runs = [(name, r, _device(r)) for name, r in found["models"].items()]
+    runs += [(name, r, "this CPU") for name, r in found.get("cpu_runs", {}).items()]
+    lines = [
+        f"- {LABELS[name]} trained on {where}: {r['restored']['note']}"
+        for name, r, where in runs
+        if r.get("restored")
+    ]
+    if not lines:
+        return []
+    return [
+        "Results restored from earlier reports (their runs' own files were lost):",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def _absolute_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -434,13 +459,24 @@ def _cpu_mode_section(runs: Mapping[str, Any], shown: Mapping[str, Any]) -> list
     for name, run in runs.items():
         history, trained = run["history"], run["train"]
         step = trained["epochs_run"] * trained["steps_per_epoch"] if trained else run["step"]
-        last = f"{100 * history[-1]['test_top1']:.2f}%" if history else "-"
-        rates = [r["images_per_second"] for r in history]
-        rate = f"{np.median(rates):.0f}" if rates else "-"
+        if history:
+            epochs, last = len(history), f"{100 * history[-1]['test_top1']:.2f}%"
+            rate = f"{np.median([r['images_per_second'] for r in history]):.0f}"
+        elif trained:  # its history lost (restored results): what train.json recorded
+            epochs, last = trained["epochs_run"], f"{trained['test_top1']:.2f}%"
+            rate = f"{trained['images_per_second']:.0f}"
+        else:
+            epochs, last, rate = 0, "-", "-"
+        lost = (run.get("restored") or {}).get("lost", {})
+        datafree = (
+            f"{lost['datafree_rows']} (rows lost)"
+            if not run["datafree"] and lost.get("datafree_rows")
+            else len(run["datafree"])
+        )
         used = shown.get(name, {}).get("recipe") == "cpu"
         lines.append(
-            f"| {LABELS[name]} x1 | {step} of {run['steps']} | {len(history)} | {last} | "
-            f"{rate} | {len(run['datafree'])} | {len(run['table1'])} | "
+            f"| {LABELS[name]} x1 | {step} of {run['steps']} | {epochs} | {last} | "
+            f"{rate} | {datafree} | {len(run['table1'])} | "
             f"{'this run' if used else 'the GPU run'} |"
         )
     lines += [
@@ -487,6 +523,9 @@ def _other_model_line(name: str, run: Mapping[str, Any], shown: Mapping[str, Any
         f"after {run['train']['epochs_run']} epochs"
     )
     here, there, common = _common_cells(name, run, shown)
+    lost = (run.get("restored") or {}).get("lost", {})
+    if not common and lost.get("summary"):
+        text += lost["summary"]
     if common:
         gains, same, corr = _between_models(here, there, common)
         text += (
@@ -522,7 +561,8 @@ def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -
     independently trained model at full width shows which findings are the method's and
     which belong to one set of weights."""
     here, there, common = _common_cells(name, run, shown)
-    if not common and not run["table1"]:
+    lost = (run.get("restored") or {}).get("lost", {}) if not common else {}
+    if not common and not run["table1"] and not lost.get("datafree_section"):
         return []
     label, other = LABELS[name], _device(shown)
     lines = [
@@ -609,6 +649,14 @@ def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -
                 f"{b['default']:.2f} | {reproduce._gain(b):+.2f} | {paper_cols} |"
             )
         lines.append("")
+    elif lost.get("datafree_section"):  # the rows are lost: the section as generated then
+        lines += [
+            f"The data-free comparison below was {lost['datafree_section_date']} from this "
+            "model's rows, since lost:",
+            "",
+            *lost["datafree_section"],
+            "",
+        ]
     if run["table1"]:
         lines += _table1_beside(name, run, shown)
     return lines
@@ -666,6 +714,7 @@ def write_fullwidth(found: Mapping[str, Any], reports: Path) -> list[Path]:
         "is the one its run recorded; `RECIPES` in `reports/fullwidth.py` holds the one the "
         "next run uses.",
         "",
+        *_restored_lines(found),
         "## Summary: where we agree with the paper and where not",
         "",
         *_summary(found),

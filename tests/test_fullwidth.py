@@ -564,3 +564,105 @@ def test_the_cpus_own_model_is_shown_beside_the_reports_model(fullwidth):
     assert "worse than Default in 1/1 of its cells (the other model: 0/1)" in line
     # nothing in common and no Table 1 yet: no section
     assert fullwidth_report._beside_lines("vgg11_bn", dict(cpu, datafree=[], table1=[]), gpu) == []
+
+
+# --------------------------------------------------------------------------- durable runs
+
+
+def test_runs_results_are_tracked_and_their_weights_are_not(fullwidth):
+    """The results outlive a machine wiped between sessions (git tracks them); weights,
+    checkpoints, temporaries and CI-scale runs stay out of git."""
+    runs = fullwidth.RUNS.relative_to(ROOT).as_posix()
+    ignored = [
+        f"{runs}/gpu/vgg11_bn/trained.npz",
+        f"{runs}/gpu/vgg11_bn/train/checkpoints/step_000000100/ifjax_checkpoint.json",
+        f"{runs}/cpu/vgg11_bn/.trained.npz.tmp.npz",
+        f"{runs}/gpu/.results.zip.tmp",
+        f"{runs}/tiny/vgg11_bn/train.json",
+        "runs/demo/datafree.csv",
+    ]
+    tracked = [
+        f"{runs}/gpu/vgg11_bn/train.json",
+        f"{runs}/gpu/vgg11_bn/datafree_l1.jsonl",
+        f"{runs}/cpu/vgg11_bn/train/metrics.jsonl",
+        f"{runs}/gpu/bench.json",
+    ]
+    found = subprocess.run(
+        ["git", "check-ignore", "--no-index", *ignored, *tracked],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert found.stdout.split() == ignored, found.stderr
+
+
+def test_results_whose_weights_are_gone_are_set_aside_and_a_checkpoint_resumes(
+    fullwidth, cifar_zip, tmp_path
+):
+    recipe = fullwidth.RECIPES["tiny"]
+    workdir = tmp_path / "tiny" / "vgg11_bn"
+    workdir.mkdir(parents=True)
+    # a finished run whose weights and checkpoints are gone: its journals must not be
+    # resumed with the weights trained next
+    (workdir / "train.json").write_text(json.dumps({"recipe": "earlier", "test_top1": 1.0}))
+    (workdir / "table1.jsonl").write_text('{"key": "default@0.4"}\n')
+    data = fullwidth.load_data(recipe, cifar_zip)
+    summary = fullwidth.train_stage("vgg11_bn", recipe, data, workdir, epochs=1)
+    aside = [p for p in workdir.parent.iterdir() if p.name.startswith("vgg11_bn.")]
+    assert len(aside) == 1 and (aside[0] / "table1.jsonl").exists()
+    assert json.loads((aside[0] / "train.json").read_text())["recipe"] == "earlier"
+    assert not (workdir / "table1.jsonl").exists()
+    assert summary["recipe"] == fullwidth._recorded_recipe(recipe, 1)
+    trained = fullwidth.load_weights(workdir / fullwidth.WEIGHTS)
+    # the weights lost but a checkpoint kept: training resumes from it, nothing is set aside
+    (workdir / fullwidth.WEIGHTS).unlink()
+    (workdir / "table1.jsonl").write_text('{"key": "default@0.4"}\n')
+    again = fullwidth.train_stage("vgg11_bn", recipe, data, workdir, epochs=1)
+    assert (workdir / "table1.jsonl").exists() and again["test_top1"] == summary["test_top1"]
+    assert len([p for p in workdir.parent.iterdir() if p.name.startswith("vgg11_bn.")]) == 1
+    jax.tree.map(
+        np.testing.assert_array_equal, fullwidth.load_weights(workdir / fullwidth.WEIGHTS), trained
+    )
+
+
+def test_device_work_keeps_whole_results_without_weights(fullwidth, device_run, tmp_path):
+    """Results restored or kept without their weights: whole ones need no GPU (only a
+    newer recipe would), an incomplete sweep without weights to continue it does."""
+    recipe = fullwidth.RECIPES["tiny"]
+    for name in fullwidth.MODELS:
+        workdir = tmp_path / "tiny" / name
+        workdir.mkdir(parents=True)
+        trained = dict(recipe=fullwidth._recorded_recipe(recipe, recipe.epochs[name]))
+        (workdir / "train.json").write_text(json.dumps(trained))
+        table1 = [{"key": f"{m}@0.4"} for m in fullwidth.TABLE1_METHODS]
+        (workdir / "table1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table1))
+        for importance in fullwidth.IMPORTANCES if name == "vgg11_bn" else ("l1",):
+            rows = [{"row": {"importance": importance, "method": m}} for m in fullwidth.METHODS]
+            journal = workdir / f"datafree_{importance}.jsonl"
+            journal.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    work = device_run.device_work(tmp_path, recipe)
+    assert work["models"] == ["resnet18"] and work["stale"] == [] == work["datafree_here"]
+    fullwidth.save_weights(tmp_path / "tiny" / "resnet18" / fullwidth.WEIGHTS, {"a": np.zeros(1)})
+    work = device_run.device_work(tmp_path, recipe)
+    assert work["models"] == [] and work["datafree_here"] == ["resnet18"]
+
+
+def test_the_committed_report_is_written_from_the_committed_runs(fullwidth, tmp_path):
+    """reports/fullwidth.md, gpu.md and their CSVs are what the tracked runs give, so that
+    a session on another machine writes them again, whole, with what it adds."""
+    import shutil
+
+    reports = tmp_path / "reports"
+    (reports / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "reports" / "data" / "label_smoothing.csv", reports / "data")
+    fullwidth.write_reports(fullwidth.RUNS, reports)
+    for name in (
+        "fullwidth.md",
+        "gpu.md",
+        *(f"data/fullwidth_{t}_{m}.csv" for t in ("datafree", "table1") for m in fullwidth.MODELS),
+    ):
+        assert (reports / name).read_text() == (ROOT / "reports" / name).read_text(), name
+    text = (reports / "fullwidth.md").read_text()
+    # the CPU-trained model's rows were lost: its summary as generated then, named so
+    assert "| VGG11-BN x1 | 11700 of 11700 | 30 | 87.81% | 132 | 96 (rows lost) | 8 |" in text
+    assert "The data-free comparison below was generated on 2026-11-28" in text
