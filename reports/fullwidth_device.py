@@ -61,6 +61,10 @@ WHEELS = ("ott-jax==0.6.0", "jaxopt==0.8.5", "POT==0.9.7.post1")
 TREE_LIMIT = 64 * 2**20  # what may travel to the GPU machine: tree + carried folder
 DEVICE_DEADLINE_S = 290  # a device command starts no work after this long
 DEVICE_TIMEOUT_S = 330  # the device tool's limit for one command (two fit in 12 minutes)
+# Where a device command's runs live: outside the tree, which the device tool copies onto
+# the machine at every call (this tree's tracked results would land on those command 1
+# wrote there); a machine kept warm keeps /tmp, so command 2 goes on with command 1's model.
+DEVICE_RUNS = "/tmp/ifjax-fullwidth-runs"
 
 
 def join_parts(folder: Path, name: str, out: Path) -> Path | None:
@@ -195,7 +199,7 @@ def device_command(
         + "IFJAX_COMPILATION_CACHE=/tmp/ifjax-jax-cache "
         + "python3 reports/reproduce.py fullwidth --recipe gpu "
         + f"--models {model} --stages {' '.join(stages)} --data {folder}/cifar10.npz "
-        + f"--deadline-s {deadline_s} "
+        + f"--deadline-s {deadline_s} --runs {DEVICE_RUNS} "
         + f"--out $OUT{extra} 2>&1 | tee $OUT/log.txt"
     )
 
@@ -264,9 +268,9 @@ def device_commands(work: Mapping[str, Any]) -> dict[str, str]:
     One model per session, the most needed (``work["models"]`` first, then a stale one):
     the first command trains it, then runs Table 1 and its data-free sweep until its
     deadline; the second goes on with Table 1 on the weights the first left on the machine
-    (a machine kept warm between commands keeps ``runs/``; on a fresh one there are none
-    and the model's stages are skipped), runs the replicas bench if it lacks rows, goes on
-    with the sweep, and ends with the training-step bench if it lacks rows.
+    (a machine kept warm between commands keeps :data:`DEVICE_RUNS`; on a fresh one there
+    are none and the model's stages are skipped), runs the replicas bench if it lacks rows,
+    goes on with the sweep, and ends with the training-step bench if it lacks rows.
     """
     target = next(iter([*work["models"], *work["stale"]]), None)
     runs = [(target, ["train", "table1", "datafree"])] if target else []
@@ -360,7 +364,7 @@ def prepare_device(
         commands=commands,
         order=(
             "run the commands in order, each right after the one before: a machine kept "
-            "warm keeps runs/, and command 2 goes on with the model command 1 trained"
+            f"warm keeps {DEVICE_RUNS}, and command 2 goes on with the model command 1 trained"
         ),
         carry=[dest.name] if inside else [],
         # each command stops starting work after DEVICE_DEADLINE_S and writes its results

@@ -229,6 +229,8 @@ def test_fullwidth_tiny_end_to_end_with_device_packaging(
     for command in plan["commands"].values():
         assert "--recipe gpu" in command and "--out $OUT" in command and "pip install" in command
         assert f"--deadline-s {device_run.DEVICE_DEADLINE_S}" in command
+        # the device's runs outside the tree the device tool copies there at every call
+        assert f"--runs {device_run.DEVICE_RUNS} " in command
     assert plan["timeout_s"] > device_run.DEVICE_DEADLINE_S
 
     # the planned commands as a session runs them, on one machine kept warm: the first
