@@ -467,9 +467,12 @@ def _count(variables: Mapping[str, Any]) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
 
 
-def prune_all(model: Any, variables: Mapping[str, Any], sparsity: float, method: str):
+def prune_all(
+    model: Any, variables: Mapping[str, Any], sparsity: float, method: str, **options: Any
+):
     """Table 1's pruning: every group at ``sparsity``, l1, BatchNorm folded (exact solver
-    for Intra-Fusion); returns ``(pruned model, pruned variables)``."""
+    for Intra-Fusion; ``options`` of :func:`ifjax.intra_fusion`); returns ``(pruned model,
+    pruned variables)``."""
     pruned_model, pruned, _ = ifjax.prune(
         model,
         variables,
@@ -478,6 +481,7 @@ def prune_all(model: Any, variables: Mapping[str, Any], sparsity: float, method:
         method=method,
         importance="l1",
         example_input=jnp.zeros((1, 32, 32, 3)),
+        **options,
     )
     return pruned_model, pruned
 
@@ -875,7 +879,7 @@ def write_reports(runs: Path = RUNS, reports: Path = REPORTS) -> list[Path]:
     """``reports/fullwidth.md`` (+ CSVs, plots) and, with GPU benches, ``reports/gpu.md``."""
     import fullwidth_report
 
-    found = _results(runs) | {"runs": runs}
+    found = _results(runs) | {"runs": runs, "reports": reports}
     written = []
     if found["models"]:
         written += fullwidth_report.write_fullwidth(found, reports)

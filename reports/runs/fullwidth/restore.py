@@ -18,7 +18,7 @@ Lost for good: the per-epoch training histories (the training figure stays the o
 from them), timings beyond the digits shown, and the weights (a GPU session trains the
 models again; ``fullwidth_device.device_work`` plans it).
 
-    python reports/runs/fullwidth/restore.py     # writes the files beside this script
+    python reports/runs/fullwidth/restore.py [--again]   # the files beside this script
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import io
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,6 +44,25 @@ NOTE = (
     "files was wiped); every number is as reported then; lost are the per-epoch history "
     "(the training figure is the one drawn from it), timings beyond the digits shown"
 )
+
+
+def _recipe(name: str, epochs: int, batch: int, peak: float, dtype, finetune_lr: float) -> dict:
+    """A recipe as train.json recorded it then (the fields the report shows or implies)."""
+    return dict(
+        name=name,
+        epochs=epochs,
+        batch_size=batch,
+        peak_lr=peak,
+        compute_dtype=dtype,
+        finetune_epochs=1,
+        finetune_lr=finetune_lr,
+        width=1.0,
+        per_class=None,
+        max_steps=None,
+        groups="all",
+        sparsities=[0.1, 0.3, 0.5, 0.7],
+        table1_sparsities=[0.4, 0.6, 0.7, 0.8],
+    )
 
 
 def _show(path: str) -> str:
@@ -84,21 +104,7 @@ def _gpu_model(name: str, report: str, epochs: int, machines: dict) -> None:
     check = re.search(rf"\*\*{label} base model\*\*: .*?evaluated on this CPU: ([\d.]+)%", report)
     epochs_run, top1, minutes, rate = base.groups()
     assert int(epochs_run) == epochs
-    recipe = dict(
-        name="gpu",
-        epochs=epochs,
-        batch_size=512,
-        peak_lr=0.2,
-        compute_dtype="bfloat16",
-        finetune_epochs=1,
-        finetune_lr=0.04,
-        width=1.0,
-        per_class=None,
-        max_steps=None,
-        groups="all",
-        sparsities=[0.1, 0.3, 0.5, 0.7],
-        table1_sparsities=[0.4, 0.6, 0.7, 0.8],
-    )
+    recipe = _recipe("gpu", epochs, 512, 0.2, "bfloat16", 0.04)
     _json(
         out / "train.json",
         dict(
@@ -191,21 +197,7 @@ def _cpu_model(report: str) -> None:
     )
     steps, _, epochs_run, last, rate, datafree, _ = state.groups()
     assert (epochs_run, last) == (epochs, top1)
-    recipe = dict(
-        name="cpu",
-        epochs=int(epochs),
-        batch_size=128,
-        peak_lr=0.05,
-        compute_dtype=None,
-        finetune_epochs=1,
-        finetune_lr=0.01,
-        width=1.0,
-        per_class=None,
-        max_steps=None,
-        groups="all",
-        sparsities=[0.1, 0.3, 0.5, 0.7],
-        table1_sparsities=[0.4, 0.6, 0.7, 0.8],
-    )
+    recipe = _recipe("cpu", int(epochs), 128, 0.05, None, 0.01)
     _json(
         out / "train.json",
         dict(
@@ -275,6 +267,12 @@ def _cpu_model(report: str) -> None:
 
 
 def main() -> None:
+    present = [p for p in (HERE / "gpu", HERE / "cpu") if p.exists()]
+    if present and "--again" not in sys.argv:
+        raise SystemExit(
+            f"{', '.join(map(str, present))} exist: restored already, and later runs may have "
+            "added to them; pass --again to write the restored files over them"
+        )
     report = _show("reports/fullwidth.md")
     machines = {"l1": H200, "lamp": CPU, "taylor": CPU}  # the report's "Evaluated:" lines
     assert (
