@@ -99,7 +99,13 @@ def test_summary_and_findings_are_computed_from_the_rows(study):
         row("intra_fusion", 2, 36.0, 1.8, [6.5, 3.9]),
         row("norm_matched", 1, 47.0, 1.4, [1.0, 1.0]),
     ]
-    table = study.summary(rows)
+    fast = [
+        row("default_lr10", 1, 41.0, 1.6, [1.0, 1.0]),
+        row("intra_fusion_lr10", 1, 37.0, 1.7, [6.0, 3.5]),
+    ]
+    table = study.summary(rows + fast)
+    # each learning rate against Default at that rate
+    assert table[(0.8, "intra_fusion_lr10")]["gain"] == -4.0
     released = table[(0.8, "intra_fusion")]
     assert released["finetuned_top1"] == 35.0 and released["gain"] == -14.0
     assert released["spread"] == 2.0 and released["max_ratio"] == pytest.approx(6.25)
@@ -109,6 +115,10 @@ def test_summary_and_findings_are_computed_from_the_rows(study):
     assert "up to 6.2x as large as Default's at 80% (the classifier's 3.7x)" in text
     assert "as released -14.00; rows averaged -; norms matched -2.00" in text
     assert "IF, norms matched 1.400, IF, classifier matched -." in text
+    assert (
+        "Intra-Fusion as released gains -4.00. At 80% it takes Default from 49.00 to 41.00%" in text
+    )
+    assert "from 35.00 to 37.00%." in text  # Intra-Fusion gained 2 points: no verdict
     assert math.isnan(table.get((0.8, "row_average"), {"gain": float("nan")})["gain"])
     # the full-width part, from its own rows, in a section of its own
     full = [
