@@ -238,16 +238,14 @@ def device_work(runs: Path = RUNS, recipe: Recipe | None = None) -> dict[str, An
     for name in ("resnet18", "vgg11_bn"):
         trained = fullwidth._read_json(root / name / "train.json")
         table1 = reproduce.read_journal(root / name / "table1.jsonl") if trained else {}
+        if trained is None or len(table1) < len(recipe.table1_sparsities) * len(TABLE1_METHODS):
+            work["models"].append(name)
+            continue
         rows = collections.Counter(r["importance"] for r in fullwidth._datafree_rows(root / name))
         cells = _expected_cells(name, recipe)
         datafree_whole = all(rows[i] >= cells for i in IMPORTANCES)
-        weights = (root / name / WEIGHTS).exists()
-        if (
-            trained is None
-            or len(table1) < len(recipe.table1_sparsities) * len(TABLE1_METHODS)
-            or not (datafree_whole or weights)
-        ):
-            work["models"].append(name)
+        if not (datafree_whole or (root / name / WEIGHTS).exists()):
+            work["models"].append(name)  # nothing here to continue its sweep with
             continue
         if trained["recipe"] != fullwidth._recorded_recipe(recipe, recipe.epochs[name]):
             work["stale"].append(name)

@@ -110,6 +110,11 @@ def _plot_training(found: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
+def _lost(run: Mapping[str, Any]) -> dict[str, Any]:
+    """What a restored run's record says was lost (``restored.json``'s ``lost``), else {}."""
+    return (run.get("restored") or {}).get("lost", {})
+
+
 def _restored_lines(found: Mapping[str, Any]) -> list[str]:
     """A line per run whose results were restored from an earlier report (``restored.json``,
     written where a machine holding a run's own files was wiped): what it was restored from
@@ -416,8 +421,9 @@ def _scale_lines(reports: Path | None) -> list[str]:
     """The summary's line on why Intra-Fusion fine-tunes worse at high sparsity
     (``reports/table1_scale.md``), from its rows."""
     rows = table1_scale.read_rows(reports / "data" / table1_scale.CSV.name) if reports else []
-    table = table1_scale.summary(table1_scale.of_width(rows, 0.25))
-    full = table1_scale.summary(table1_scale.of_width(rows, 1.0))
+    reduced = reproduce.SETTINGS[table1_scale.MODEL]["width"]
+    table = table1_scale.summary(table1_scale.of_width(rows, reduced))
+    full = table1_scale.summary(table1_scale.of_width(rows, table1_scale.FULL_WIDTH["width"]))
     high = max((k[0] for k in table), default=None)
     if high is None or (high, "norm_matched") not in table or (high, "intra_fusion") not in table:
         return []
@@ -498,7 +504,7 @@ def _cpu_mode_section(runs: Mapping[str, Any], shown: Mapping[str, Any]) -> list
             rate = f"{trained['images_per_second']:.0f}"
         else:
             epochs, last, rate = 0, "-", "-"
-        lost = (run.get("restored") or {}).get("lost", {})
+        lost = _lost(run)
         datafree = (
             f"{lost['datafree_rows']} (rows lost)"
             if not run["datafree"] and lost.get("datafree_rows")
@@ -554,7 +560,7 @@ def _other_model_line(name: str, run: Mapping[str, Any], shown: Mapping[str, Any
         f"after {run['train']['epochs_run']} epochs"
     )
     here, there, common = _common_cells(name, run, shown)
-    lost = (run.get("restored") or {}).get("lost", {})
+    lost = _lost(run)
     if not common and lost.get("summary"):
         text += lost["summary"]
     if common:
@@ -592,7 +598,7 @@ def _beside_lines(name: str, run: Mapping[str, Any], shown: Mapping[str, Any]) -
     independently trained model at full width shows which findings are the method's and
     which belong to one set of weights."""
     here, there, common = _common_cells(name, run, shown)
-    lost = (run.get("restored") or {}).get("lost", {}) if not common else {}
+    lost = _lost(run) if not common else {}
     if not common and not run["table1"] and not lost.get("datafree_section"):
         return []
     label, other = LABELS[name], _device(shown)

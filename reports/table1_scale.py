@@ -138,9 +138,16 @@ def match_kernel_norms(
     return {**variables, "params": params}
 
 
-def prune_variant(model: Any, variables: Mapping[str, Any], sparsity: float, variant: str):
+def prune_variant(
+    model: Any,
+    variables: Mapping[str, Any],
+    sparsity: float,
+    variant: str,
+    reference: Mapping[str, Any] | None = None,
+):
     """All groups of ``model`` pruned at ``sparsity`` (l1, folded, exact) as ``variant``;
-    returns ``(pruned model, pruned variables)``."""
+    returns ``(pruned model, pruned variables)``. ``reference``: Default's pruned
+    variables at that sparsity, when at hand (else pruned here when a variant needs it)."""
     if variant not in VARIANTS + FAST_VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS + FAST_VARIANTS}, got {variant!r}")
     variant = variant.removesuffix(FAST)  # the same pruning, a faster fine-tune
@@ -153,15 +160,14 @@ def prune_variant(model: Any, variables: Mapping[str, Any], sparsity: float, var
         return prune("intra_fusion", map_normalization="row_average")
     pruned_model, pruned = prune("intra_fusion")
     if variant in ("norm_matched", "classifier_matched"):
-        reference = prune("default")[1]
+        reference = prune("default")[1] if reference is None else reference
         pruned = match_kernel_norms(pruned, reference, variant == "classifier_matched")
     return pruned_model, pruned
 
 
-def _row(model, variables, data, sparsity: float, variant: str, seed: int) -> dict:
+def _row(model, variables, data, sparsity: float, variant: str, seed: int, reference) -> dict:
     train_set, evals = data
-    pruned_model, pruned = prune_variant(model, variables, sparsity, variant)
-    reference = prune_variant(model, variables, sparsity, "default")[1]
+    pruned_model, pruned = prune_variant(model, variables, sparsity, variant, reference)
     ratios = kernel_norm_ratios(pruned, reference)
     pruned_top1 = 100 * training.evaluate(pruned_model, pruned, evals)["top1"]
     loader = data_lib.DeviceBatches(train_set, BATCH, seed=seed)
@@ -180,7 +186,6 @@ def _row(model, variables, data, sparsity: float, variant: str, seed: int) -> di
         log_every=None,
     )
     return dict(
-        key=f"{variant}@{sparsity}@{seed}",
         variant=variant,
         sparsity=sparsity,
         seed=seed,
@@ -236,11 +241,14 @@ def run() -> tuple[list[dict], dict[float, dict]]:
     evals = sweep.eval_batch_list(data_lib.read_cifar10_zip("test", None), 500)
     journal = RUNS / "rows.jsonl"
     done = reproduce.read_journal(journal)
-    bases = {}
+    bases, loaded, references = {}, {}, {}
     for width, train_base, sparsities, variants in studies():
-        bases[width] = trained = train_base()
-        base = jobs.restore(trained["checkpoint"])
-        base_top1 = 100 * training.evaluate(base.model, base.variables, evals)["top1"]
+        if width not in loaded:  # a width's base model once, whatever its parts
+            bases[width] = train_base()
+            base = jobs.restore(bases[width]["checkpoint"])
+            top1 = 100 * training.evaluate(base.model, base.variables, evals)["top1"]
+            loaded[width] = base, top1
+        base, base_top1 = loaded[width]
         keys = [
             f"x{width:g}/{v}@{s}@{seed}" for s in sparsities for seed in SEEDS for v in variants
         ]
@@ -249,8 +257,18 @@ def run() -> tuple[list[dict], dict[float, dict]]:
             if key in done:
                 continue
             variant, sparsity, seed = key.split("/")[1].split("@")
+            if (width, sparsity) not in references:  # Default's pruning, once per sparsity
+                references[width, sparsity] = prune_variant(
+                    base.model, base.variables, float(sparsity), "default"
+                )[1]
             row = _row(
-                base.model, base.variables, (train_set, evals), float(sparsity), variant, int(seed)
+                base.model,
+                base.variables,
+                (train_set, evals),
+                float(sparsity),
+                variant,
+                int(seed),
+                references[width, sparsity],
             )
             row |= dict(key=key, width=width, base_top1=base_top1)
             reproduce.append_journal(journal, row)
